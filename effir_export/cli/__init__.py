@@ -1,0 +1,66 @@
+"""The ``effir-export`` command: a thin Click shell over the Python API (parse, call, print).
+
+Each command group lives in its own module and is added in :data:`COMMAND_MODULES`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+COMMAND_MODULES = ["effir_export.cli.info"]
+
+
+class EffirGroup(click.Group):
+    """Turns errors into one line on stderr and a non-zero exit (full traceback with ``--debug``)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that turns exceptions into exit codes
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from ..errors import EffirError
+
+            if isinstance(exc, EffirError):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(exc.exit_code)
+            click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=EffirGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.version_option(package_name="effir-export")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Compress a dense retriever with EffiR and export it for deployment.
+
+    Typical flow: `score` sublayers, `compress` (depth then width), `export` (ONNX, 4-bit, GPTQ,
+    TensorRT), `validate` against gates, `triton` repository; `build` runs a whole recipe.
+    MODEL arguments accept a model folder, a .gguf file, or a built-in alias (smollm2-135m, minilm-l6).
+    Nothing is downloaded from a model hub.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    _configure_logging(debug)
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not debug:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(main)

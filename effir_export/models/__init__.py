@@ -1,0 +1,1 @@
+"""Ground floor: model sources, family adapters, the rewritten-model format and the text encoder."""

@@ -1,0 +1,86 @@
+"""The recipe: one validated config object per stage; a YAML recipe is those objects written down.
+
+Unknown keys and wrong types fail with the file, the dotted key and what was expected. Relative
+paths inside a recipe are resolved against the recipe file's folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import RecipeError
+from .models.embedding import EmbeddingOverride
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m.yaml"
+
+
+class StrictModel(BaseModel):
+    """Base for every config object: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(StrictModel):
+    """The model to compress.
+
+    ```yaml
+    model:
+      source: smollm2-135m      # folder, .gguf, alias (smollm2-135m, minilm-l6) or a hub id already cached
+      dtype: float32            # float32 | bfloat16
+    ```
+    """
+
+    source: str
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class Recipe(StrictModel):
+    """A whole build: the model, its embedding settings, then the stages in order."""
+
+    name: str
+    description: str = ""
+    model: ModelConfig
+    embedding: EmbeddingOverride = EmbeddingOverride()
+
+    _base_dir: Path = Path(".")
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+
+def load_recipe(path: str | Path | None = None) -> Recipe:
+    """Read and validate a recipe (the embedded default when ``path`` is None)."""
+    path = Path(path) if path is not None else DEFAULT_RECIPE
+    if not path.is_file():
+        raise RecipeError(f"recipe '{path}' not found; pass a YAML file (examples in {RECIPES_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model:, embedding:, ...)")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {describe_validation_error(exc)}") from None
+    recipe._base_dir = path.resolve().parent
+    return recipe
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line for the first problem: the dotted key and what was expected."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"key '{key}': {err['msg']} (got {err.get('input')!r})"

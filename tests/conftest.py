@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models of every supported family, a character-level tokenizer, the
+real packaged models (session-scoped; loading SmolLM2 costs seconds) and the shared BEIR data."""
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EFFIR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128),
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                    sliding_window=None),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128),
+    "qwen3": dict(model_type="qwen3", hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                  max_position_embeddings=128),
+    "bert": dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, vocab_size=128, max_position_embeddings=128),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built in memory (no files, no downloads)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable[:95]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]")
+
+
+def tiny_backbone(family: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(TINY_CONFIGS[family])
+    model_type = cfg.pop("model_type")
+    extra = {"pad_token_id": 0, "eos_token_id": 3, "bos_token_id": 2}
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **cfg, **extra)
+    config._attn_implementation = "eager"
+    return AutoModel.from_config(config).eval()
+
+
+def tiny_loaded(family: str, seed: int = 0, **embedding):
+    """A LoadedModel around a tiny random backbone, with the family's default embedding settings."""
+    from effir_export.models.adapters import adapter_for_model_type
+    from effir_export.models.embedding import EmbeddingConfig
+    from effir_export.models.format import EffirModel
+    from effir_export.models.sources import LoadedModel
+
+    backbone = tiny_backbone(family, seed)
+    adapter = adapter_for_model_type(backbone.config.model_type)
+    settings = {"pooling": adapter.default_pooling, "append_eos": adapter.is_decoder, "max_length": 64, **embedding}
+    model = EffirModel.wrap(backbone, EmbeddingConfig(**settings), provenance={"source": f"tiny-{family}"})
+    return LoadedModel(model.eval(), char_tokenizer(), f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from effir_export.models.sources import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from effir_export.models.sources import load_model
+
+    return load_model("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set EFFIR_SHARED_DATA)")
+    return SHARED_DATA
+
+
+TEXTS = [
+    "what is the capital of france",
+    "Paris is the capital and most populous city of France, on the Seine.",
+    "a",
+    "The mitochondria is the powerhouse of the cell; it produces ATP through oxidative phosphorylation.",
+    "short text",
+]

@@ -1,0 +1,57 @@
+"""Recipe schema: shipped recipes validate; bad files fail with the file, the key and what was expected."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from effir_export.errors import RecipeError
+from effir_export.recipe import DEFAULT_RECIPE, RECIPES_DIR, load_recipe
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name and recipe.model.source
+
+
+def test_default_recipe_is_smollm2():
+    recipe = load_recipe()
+    assert DEFAULT_RECIPE.name == "smollm2-135m.yaml" and recipe.model.source == "smollm2-135m"
+    assert recipe.embedding.pooling == "last"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = _write(tmp_path, "name: x\nmodel: {source: m}\nembedding: {poolng: mean}\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: unknown key 'embedding\.poolng'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_key_and_expectation(tmp_path):
+    path = _write(tmp_path, "name: x\nmodel: {source: m}\nembedding: {max_length: lots}\n")
+    with pytest.raises(RecipeError, match=r"key 'embedding\.max_length'.*integer.*'lots'"):
+        load_recipe(path)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = _write(tmp_path, "name: x\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"malformed YAML at line \d+"):
+        load_recipe(path)
+
+
+def test_missing_file_and_missing_key(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="missing key 'model'"):
+        load_recipe(_write(tmp_path, "name: x\n"))
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "name: x\nmodel: {source: m}\n"))
+    assert recipe.resolve_path("data/a.txt") == (tmp_path / "data" / "a.txt").resolve()
