@@ -1,12 +1,25 @@
 """Text -> embedding with a PyTorch :class:`EffirModel`: prompts, length-sorted batching, pooling."""
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .embedding import EmbeddingConfig, TextKind, pad_batch, pool, tokenize_texts
 from .format import EffirModel
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """What every backend (PyTorch, ONNX Runtime, TensorRT, Triton client) offers validation and
+    benchmarks: the model's own prompts/pooling applied, float32 embeddings back in input order."""
+
+    settings: EmbeddingConfig
+
+    def encode(self, texts: list[str], kind: TextKind | None = None, batch_size: int | None = None,
+               desc: str = "encoding") -> np.ndarray: ...
 
 
 def select_device(device: str | None = None) -> torch.device:
