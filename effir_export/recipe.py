@@ -9,19 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from .errors import RecipeError
 from .models.embedding import EmbeddingOverride
+from .schema import StrictModel
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m.yaml"
-
-
-class StrictModel(BaseModel):
-    """Base for every config object: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(StrictModel):
