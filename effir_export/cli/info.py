@@ -44,6 +44,7 @@ def format_info(facts: dict) -> str:
         f"dropped MLP     {dropped_mlp or 'none'}",
         f"parameters      {facts['parameters']:,} ({facts['parameters'] / 1e6:.1f}M)",
         f"weight bytes    {facts['weight_bytes']:,}",
+        "FLOPs/token     " + ", ".join(f"{v / 1e6:,.1f}M @ {t} tokens" for t, v in facts["flops_per_token"].items()),
         "embedding       " + ", ".join(f"{k}={v!r}" for k, v in facts["embedding"].items()),
         "",
         f"{'layer':>5}  {'attention':>9}  {'mlp':>5}  {'mlp width':>9}  {'attn params':>11}  {'mlp params':>10}",

@@ -181,16 +181,21 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 def save_model(model: EffirModel, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Save config + safetensors + tokenizer atomically; returns the folder."""
+    with atomic_directory(Path(out_dir)) as tmp:
+        write_model_files(model, tokenizer, tmp, dtype)
+    return Path(out_dir)
+
+
+def write_model_files(model: EffirModel, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write config + safetensors + tokenizer into ``folder`` (the caller makes it atomic)."""
     model.sync_config()
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_directory(Path(out_dir)) as tmp:
-        if dtype is not None:
-            model.config.dtype = str(dtype).removeprefix("torch.")
-        model.config.architectures = ["EffirModel"]
-        model.config.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    if dtype is not None:
+        model.config.dtype = str(dtype).removeprefix("torch.")
+    model.config.architectures = ["EffirModel"]
+    model.config.save_pretrained(folder)
+    save_file(state, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def is_effir_folder(folder: Path) -> bool:

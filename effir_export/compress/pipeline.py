@@ -1,0 +1,67 @@
+"""Run compression stages in recipe order and save the result as one atomic effir folder."""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RecipeError
+from ..models.format import atomic_directory, write_model_files
+from ..models.sources import LoadedModel, load_model
+from . import StageOutput
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage's function lives and which recipe section configures it."""
+
+    module: str
+    function: str
+    section: str
+
+
+STAGES: dict[str, StageSpec] = {
+    "finetune": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "finetune"),
+    "depth": StageSpec("effir_export.compress.depth", "run_depth_stage", "depth"),
+    "width": StageSpec("effir_export.compress.width", "run_width_stage", "width"),
+    "recovery": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "recovery"),
+}
+STAGE_ORDER = tuple(STAGES)
+
+
+def stages_in_recipe(recipe) -> list[str]:
+    """The compression stages a recipe configures, in execution order."""
+    return [name for name in STAGE_ORDER if getattr(recipe, STAGES[name].section, None) is not None]
+
+
+def run_stage(name: str, loaded: LoadedModel, recipe, work_dir: Path) -> StageOutput:
+    """Run one stage with its recipe section; a clear error if the recipe has no such section."""
+    spec = STAGES[name]
+    config = getattr(recipe, spec.section, None)
+    if config is None:
+        raise RecipeError(f"recipe '{recipe.name}' has no '{spec.section}:' section; add one to run stage '{name}'")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    function = getattr(importlib.import_module(spec.module), spec.function)
+    return function(loaded, config, recipe, work_dir)
+
+
+def compress(recipe, stages: list[str], out: Path, model_source: str | None = None) -> Path:
+    """Load the model (``model_source`` or the recipe's), run ``stages``, and write one effir folder:
+    the model files, ``stages/<name>/`` work files and ``compress_report.json``."""
+    loaded = load_model(model_source or recipe.model.source)
+    loaded.model.config.embedding = recipe.embedding.apply(loaded.embedding).model_dump()
+    reports = {}
+    with atomic_directory(Path(out)) as tmp:
+        for name in stages:
+            started = time.perf_counter()
+            result = run_stage(name, loaded, recipe, tmp / "stages" / name)
+            loaded = result.loaded
+            reports[name] = {**result.report, "seconds": round(time.perf_counter() - started, 2)}
+        provenance = dict(loaded.model.config.provenance)
+        provenance.setdefault("stages", []).extend(stages)
+        loaded.model.config.provenance = provenance
+        write_model_files(loaded.model, loaded.tokenizer, tmp)
+        (tmp / "compress_report.json").write_text(json.dumps({"recipe": recipe.name, "stages": reports}, indent=2))
+    return Path(out)
