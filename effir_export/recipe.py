@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import ValidationError
 
+from .compress.depth import DepthConfig
 from .errors import RecipeError
 from .models.embedding import EmbeddingOverride
 from .schema import StrictModel
@@ -40,6 +41,7 @@ class Recipe(StrictModel):
     description: str = ""
     model: ModelConfig
     embedding: EmbeddingOverride = EmbeddingOverride()
+    depth: DepthConfig | None = None
 
     _base_dir: Path = Path(".")
 

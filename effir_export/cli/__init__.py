@@ -11,7 +11,10 @@ import sys
 
 import click
 
-COMMAND_MODULES = ["effir_export.cli.info"]
+COMMAND_MODULES = [
+    "effir_export.cli.info",
+    "effir_export.cli.compress",
+]
 
 
 class EffirGroup(click.Group):
