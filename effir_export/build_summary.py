@@ -1,0 +1,56 @@
+"""The build's final summary: one row per stage plus the headline figures, as JSON and Markdown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .pipeline import StageOutcome
+
+
+def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
+    """Collect stage statuses and the figures their reports carry."""
+    stages = [{"stage": o.name, "status": o.status, "seconds": o.seconds, "reason": o.reason,
+               "folder": str(o.folder) if o.folder else None} for o in outcomes]
+    summary: dict = {"recipe": recipe.name, "out": str(out), "stages": stages}
+    for outcome in outcomes:
+        params = outcome.report.get("parameters")
+        if isinstance(params, dict) and "after" in params:
+            summary.setdefault("parameters", {"original": params["before"]})["final"] = params["after"]
+        if "gates_passed" in outcome.report:
+            summary["gates_passed"] = outcome.report["gates_passed"]
+        if "backends" in outcome.report:
+            summary["backends"] = outcome.report["backends"]
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"## build: {summary['recipe']}", "", "| stage | status | seconds | note |", "|---|---|---:|---|"]
+    for s in summary["stages"]:
+        lines.append(f"| {s['stage']} | {s['status']} | {s['seconds']:.1f} | {s['reason'] or s['folder'] or ''} |")
+    if "parameters" in summary:
+        p = summary["parameters"]
+        lines += ["", f"parameters: {p['original']:,} -> {p.get('final', p['original']):,} "
+                      f"({p.get('final', p['original']) / p['original']:.1%})"]
+    if summary.get("backends"):
+        lines += ["", "| backend | params | size MB | nDCG@10 | min cosine | query ms | doc ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for b in summary["backends"]:
+            lines.append("| {name} | {params} | {size} | {ndcg} | {cos} | {q} | {d} |".format(
+                name=b.get("name"), params=_fmt(b.get("parameters"), "{:,}"), size=_fmt(b.get("size_mb"), "{:.1f}"),
+                ndcg=_fmt(b.get("ndcg@10"), "{:.4f}"), cos=_fmt(b.get("min_cosine"), "{:.5f}"),
+                q=_fmt(b.get("query_ms"), "{:.1f}"), d=_fmt(b.get("document_ms"), "{:.1f}")))
+    if "gates_passed" in summary:
+        lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
+    return "\n".join(lines)
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def write_summary(summary: dict, out: Path) -> str:
+    """Write build_summary.json and build_summary.md; return the Markdown."""
+    text = format_summary(summary)
+    (out / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "build_summary.md").write_text(text + "\n")
+    return text

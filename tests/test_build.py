@@ -1,0 +1,105 @@
+"""effir-export build: stage folders with manifests, caching by input hash, interruption safety."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_loaded
+from effir_export.cli import main
+from effir_export.models.format import save_model
+
+CALIBRATION = "\n".join(f"passage {i} on dense retrieval and pruning {'x ' * i}" for i in range(16))
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    (tmp_path / "calibration.txt").write_text(CALIBRATION)
+    return _write_recipe(tmp_path, mlp=1)
+
+
+def _write_recipe(tmp_path: Path, mlp: int) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: tiny
+        model: {{source: base}}
+        embedding: {{max_length: 32}}
+        depth:
+          score: {{calibration: calibration.txt, samples: 8, max_length: 32}}
+          drop: {{mlp: {mlp}}}
+        """))
+    return path
+
+
+def _build(recipe: Path, out: Path, *extra: str):
+    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_build_caches_stages_and_redoes_only_what_changed(tiny_recipe, tmp_path):
+    out = tmp_path / "build"
+    first = _build(tiny_recipe, out)
+    assert "depth      running" in first.output
+    manifest = json.loads((out / "01-depth" / "manifest.json").read_text())
+    assert manifest["stage"] == "depth" and manifest["versions"]["torch"] and manifest["seconds"] >= 0
+    assert json.loads((out / "01-depth" / "config.json").read_text())["drop_mlp_list"].__len__() == 1
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["stages"][0]["status"] == "built" and summary["parameters"]["final"] < summary["parameters"]["original"]
+
+    second = _build(tiny_recipe, out)
+    assert "depth      cached" in second.output and "running" not in second.output
+
+    _write_recipe(tmp_path, mlp=2)
+    third = _build(tiny_recipe, out)
+    assert "depth      running" in third.output
+    assert len(json.loads((out / "01-depth" / "config.json").read_text())["drop_mlp_list"]) == 2
+
+    forced = _build(tiny_recipe, out, "--force", "depth")
+    assert "depth      running" in forced.output
+
+
+SLOW_STEP = """
+import sys, time
+from pathlib import Path
+from effir_export.pipeline import BuildStep, run_build
+from effir_export.recipe import load_recipe
+
+def run(state, folder):
+    (folder / "half-written.bin").write_bytes(b"x" * 1000)
+    Path(sys.argv[3]).write_text("started")
+    time.sleep(float(sys.argv[4]))
+    return {}
+
+step = BuildStep("slow", settings=lambda r: {"n": 1}, run=run, publish=lambda s, f: None)
+run_build(load_recipe(sys.argv[1]), Path(sys.argv[2]), [step])
+"""
+
+
+def test_a_killed_build_leaves_no_corrupt_stage_and_reruns(tiny_recipe, tmp_path):
+    out, marker = tmp_path / "build", tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, str(tiny_recipe), str(out), str(marker), "60"],
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the slow stage never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "01-slow").exists()
+    assert list(out.glob(".01-slow.tmp-*"))  # the killed stage's temp folder is all that is left
+    subprocess.run([sys.executable, "-c", SLOW_STEP, str(tiny_recipe), str(out), str(marker), "0"], check=True)
+    assert json.loads((out / "01-slow" / "manifest.json").read_text())["stage"] == "slow"
+    assert not list(out.glob(".01-slow.tmp-*"))
