@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from .compress.depth import DepthConfig
 from .errors import RecipeError
+from .export.onnx import OnnxExportConfig
 from .models.embedding import EmbeddingOverride
 from .schema import StrictModel
 
@@ -42,6 +43,7 @@ class Recipe(StrictModel):
     model: ModelConfig
     embedding: EmbeddingOverride = EmbeddingOverride()
     depth: DepthConfig | None = None
+    onnx: OnnxExportConfig | None = None
 
     _base_dir: Path = Path(".")
 

@@ -1,0 +1,76 @@
+"""``effir-export export``: deployment exports. ``export onnx`` lives here; other modules add their
+subcommands (``gptq``, ``trt``) to the same :data:`export` group."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def export() -> None:
+    """Export a model for deployment (ONNX with pooling inside, 4-bit weight-only ONNX, ...)."""
+
+
+def register(group: click.Group) -> None:
+    group.add_command(export)
+
+
+@export.command("onnx")
+@click.argument("model")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Export folder (written atomically).")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Recipe whose onnx: section (and embedding: overrides) give the defaults.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Graph precision (fp16/bf16 for GPU runtimes; norms, softmax and the L2 norm stay fp32).")
+@click.option("--weights", type=click.Choice(["float", "int4"]), default=None,
+              help="int4: 4-bit weight-only MatMulNBits graph.")
+@click.option("--method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None, help="4-bit method.")
+@click.option("--block-size", type=int, default=None, help="4-bit block size (power of two, >= 16).")
+@click.option("--symmetric/--asymmetric", default=None, help="4-bit: symmetric blocks, or a zero point per block.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="GPTQ calibration text: one passage per line, or JSONL with a 'text' field.")
+@click.option("--token-states", is_flag=True, default=None, help="Also output the token states.")
+@click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
+def onnx_command(model, out, recipe_path, precision, weights, method, block_size, symmetric, calibration,
+                 token_states, opset) -> None:
+    """Export MODEL (folder, .gguf or alias) to one ONNX graph: input_ids + attention_mask (int64, dynamic
+    batch and sequence) -> L2-normalised, pooled `embedding` (and optionally `token_states`).
+
+    Writes OUT/model.onnx (+ model.onnx.data over 2 GB), the tokenizer files, OUT/effir_onnx.json (settings,
+    precision, weights, fingerprint) and OUT/export_check.json: every export ends with an ONNX Runtime vs
+    PyTorch check on real texts at several batch sizes; failing it fails the command and writes nothing.
+    """
+    from ..export.onnx import OnnxExportConfig, export_onnx
+    from ..models.sources import load_model
+    from ..recipe import RECIPES_DIR, load_recipe
+
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    config = (recipe.onnx if recipe and recipe.onnx else OnnxExportConfig()).model_copy(deep=True)
+    updates = {"precision": precision, "token_states": token_states, "opset": opset}
+    config = config.model_validate({**config.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+    int4_updates = {"method": method, "block_size": block_size, "symmetric": symmetric}
+    if weights == "float":
+        config.int4 = None
+    elif weights == "int4" or (config.int4 is not None):
+        base = config.int4.model_dump() if config.int4 is not None else {}
+        config = config.model_validate({**config.model_dump(), "int4": {
+            **base, **{k: v for k, v in int4_updates.items() if v is not None}}})
+    elif any(v is not None for v in int4_updates.values()):
+        raise click.UsageError("--method/--block-size/--symmetric apply to --weights int4 only")
+    calibration_path = None
+    if config.int4 is not None and config.int4.method == "gptq":
+        calibration_path = Path(calibration) if calibration else (
+            recipe.resolve_path(config.int4.calibration) if recipe else (RECIPES_DIR / config.int4.calibration).resolve())
+    loaded = load_model(model)
+    if recipe is not None:
+        loaded.model.config.embedding = recipe.embedding.apply(loaded.embedding).model_dump()
+    folder = export_onnx(loaded, config, Path(out), calibration_path)
+    check = json.loads((folder / "export_check.json").read_text())
+    size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    click.echo(f"wrote {folder}/model.onnx ({size / 1e6:.1f} MB, {config.precision}, "
+               f"{'int4 ' + config.int4.method if config.int4 else 'float weights'})")
+    click.echo(f"check: min cosine {check['min_cosine']:.6f} (>= {check['min_cosine_threshold']}), "
+               f"max abs diff {check['max_abs_diff']:.2e} over {check['texts']} texts, batch sizes "
+               f"{', '.join(str(r['batch_size']) for r in check['runs'])}")

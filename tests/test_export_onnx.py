@@ -1,0 +1,139 @@
+"""ONNX export: pooling inside the graph, dynamic shapes, rewritten structure, the mandatory check."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TEXTS, tiny_loaded
+from effir_export.cli import main
+from effir_export.export import check as check_module
+from effir_export.export.onnx import (ExportError, OnnxExportConfig, check_structure, count_matmuls, export_onnx,
+                                      layer_scopes)
+from effir_export.models.embedding import pad_batch, tokenize_texts
+from effir_export.models.encoder import Encoder
+from effir_export.models.format import save_model
+from effir_export.runtime.ort import OrtEncoder
+
+
+def rewritten(family: str):
+    """A tiny model with one MLP dropped, one attention dropped and one MLP narrowed."""
+    loaded = tiny_loaded(family)
+    adapter, layers = loaded.model.adapter, loaded.model.layers
+    adapter.remove_mlp(layers[1])
+    adapter.remove_attention(layers[2])
+    adapter.resize_mlp(layers[0], torch.tensor([0, 3, 5, 7, 9, 11]))
+    return loaded
+
+
+def test_rewritten_models_of_every_family_export_and_pass_the_check(family, tmp_path):
+    loaded = rewritten(family)
+    folder = export_onnx(loaded, OnnxExportConfig(), tmp_path / "onnx")
+    meta = json.loads((folder / "effir_onnx.json").read_text())
+    assert meta["inputs"] == ["input_ids", "attention_mask"] and meta["outputs"] == ["embedding"]
+    assert meta["embedding_dim"] == 32 and meta["precision"] == "fp32" and meta["weights"] == "float"
+    assert meta["opset"] >= 17 and meta["embedding"] == loaded.embedding.model_dump()
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["passed"] and check["min_cosine"] >= 0.99999 and {r["batch_size"] for r in check["runs"]} >= {1, 3}
+    # dropped sublayers leave no nodes: per layer, the MatMuls are exactly the surviving Linears (+ QK^T, AV)
+    proto = onnx.load(str(folder / "model.onnx"))
+    counts = count_matmuls(proto, layer_scopes(loaded.model))["layers"]
+    full = tiny_loaded(family).model.layers[0]
+    linears_full = sum(isinstance(m, torch.nn.Linear) for m in full.modules())
+    mlp_linears = len(loaded.model.adapter.mlp_input_projections(full)) + 1
+    assert counts[1] == {"weight": linears_full - mlp_linears, "activation": 2}  # MLP dropped
+    assert counts[2] == {"weight": mlp_linears, "activation": 0}                 # attention dropped
+    assert counts[0] == {"weight": linears_full, "activation": 2}
+    widths = {tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 2}
+    assert (32, 6) in widths or (6, 32) in widths  # the narrowed MLP's matrices
+
+
+def test_structure_check_rejects_a_graph_that_does_not_match_the_model(tmp_path):
+    loaded = tiny_loaded("llama")
+    folder = export_onnx(loaded, OnnxExportConfig(), tmp_path / "full")
+    loaded.model.adapter.remove_mlp(loaded.model.layers[0])
+    with pytest.raises(ExportError, match=r"layers \[0\]"):
+        check_structure(onnx.load(str(folder / "model.onnx")), loaded.model)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "bert"])
+def test_dynamic_batch_and_length_with_padding_match_pytorch_per_text(family, tmp_path):
+    loaded = tiny_loaded(family, max_length=64)
+    export_onnx(loaded, OnnxExportConfig(token_states=True), tmp_path / "onnx")  # traced at batch 2, length 8
+    backend = OrtEncoder.from_folder(tmp_path / "onnx")
+    texts = TEXTS + ["x" * 60, "a much longer text than the trace shape, with punctuation!"]
+    ids = tokenize_texts(loaded.tokenizer, texts, loaded.embedding, None)
+    input_ids, mask = pad_batch(ids, loaded.tokenizer.pad_token_id)
+    assert input_ids.shape[1] > 8 and len(set(mask.sum(1))) > 3  # other shape, rows of different lengths
+    embedding, states = backend.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+    alone = Encoder(loaded.model, loaded.tokenizer).encode(texts, batch_size=1)
+    np.testing.assert_allclose(embedding, alone, atol=2e-5)
+    with torch.no_grad():
+        reference = loaded.model(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(states[real], reference[real], atol=2e-4)
+
+
+def test_failed_check_leaves_no_folder_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    loaded = tiny_loaded("mistral")
+    out = tmp_path / "onnx"
+    export_onnx(loaded, OnnxExportConfig(), out)
+    before = (out / "export_check.json").read_text()
+    monkeypatch.setitem(check_module.THRESHOLDS, ("fp32", "float"), (1.5, None))  # unreachable cosine
+    with pytest.raises(check_module.ExportCheckError, match="export check failed"):
+        export_onnx(loaded, OnnxExportConfig(), out)
+    assert (out / "export_check.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no temp folder left behind
+
+
+def test_cli_exports_a_saved_model_folder(tmp_path):
+    loaded = rewritten("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "onnx", str(tmp_path / "model"), "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert "check: min cosine" in result.output
+    backend = OrtEncoder.from_folder(tmp_path / "onnx")
+    np.testing.assert_allclose(backend.encode(TEXTS), Encoder(loaded.model, loaded.tokenizer).encode(TEXTS), atol=2e-5)
+
+
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    result = CliRunner().invoke(main, ["export", "onnx", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "error:" in result.output and "not a model folder" in result.output
+    result = CliRunner().invoke(main, ["export", "onnx", "x", "--out", str(tmp_path / "o"), "--weights", "int8"])
+    assert result.exit_code == 2 and "'int8' is not one of" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
+def test_minilm_exports_and_matches(minilm, tmp_path):
+    folder = export_onnx(minilm, OnnxExportConfig(), tmp_path / "minilm")
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["passed"] and check["min_cosine"] >= 0.99999 and max(check["token_lengths"]) > 50
+
+
+@pytest.mark.integration
+def test_smollm2_with_half_its_mlps_dropped_exports_and_matches(smollm2, tmp_path):
+    model = copy.deepcopy(smollm2.model)
+    for layer in list(model.layers)[1::2]:
+        model.adapter.remove_mlp(layer)
+    loaded = type(smollm2)(model, smollm2.tokenizer, "smollm2-135m-half-mlp")
+    folder = export_onnx(loaded, OnnxExportConfig(), tmp_path / "smol")
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["passed"] and check["min_cosine"] >= 0.99999
+    counts = count_matmuls(onnx.load(str(folder / "model.onnx"), load_external_data=False), layer_scopes(model))
+    assert [c["weight"] for c in counts["layers"]] == [7 if i % 2 == 0 else 4 for i in range(30)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_full_smollm2_exports_through_the_cli(tmp_path):
+    result = CliRunner().invoke(main, ["export", "onnx", "smollm2-135m", "--out", str(tmp_path / "smol")])
+    assert result.exit_code == 0, result.output
+    check = json.loads((tmp_path / "smol" / "export_check.json").read_text())
+    assert check["passed"] and check["min_cosine"] >= 0.99999
