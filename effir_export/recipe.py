@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from .compress.depth import DepthConfig
 from .errors import RecipeError
 from .export.onnx import OnnxExportConfig
 from .models.embedding import EmbeddingOverride
 from .schema import StrictModel
+from .validation.config import ValidateConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m.yaml"
@@ -43,6 +44,7 @@ class Recipe(StrictModel):
     model: ModelConfig
     embedding: EmbeddingOverride = EmbeddingOverride()
     depth: DepthConfig | None = None
+    validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
     onnx: OnnxExportConfig | None = None
 
     _base_dir: Path = Path(".")

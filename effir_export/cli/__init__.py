@@ -14,6 +14,7 @@ import click
 COMMAND_MODULES = [
     "effir_export.cli.info",
     "effir_export.cli.compress",
+    "effir_export.cli.validate",
     "effir_export.cli.export",
 ]
 

@@ -1,0 +1,246 @@
+"""The validation report (one pydantic object) and its renderings: JSON for machines, JUnit XML for
+CI systems, Markdown + PNG plots for people. All files of a report are written atomically."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from ..models.format import atomic_directory
+from .fidelity import FidelityStats
+from .gates import GateResult
+from .latency import LatencyReport
+from .memory import MemoryResult
+
+FILES = ("report.json", "junit.xml", "report.md", "quality_size_latency.png", "fidelity_hist.png")
+
+
+class BackendResult(BaseModel):
+    """Everything measured for one backend (the reference included)."""
+
+    name: str
+    spec: str
+    kind: str
+    device: str
+    fingerprint: str
+    parameters: int | None
+    disk_bytes: int | None
+    flops_per_token: dict[str, int] | None  # at the latency regimes' padded lengths
+    retrieval: dict
+    encode_seconds: float
+    cache_hit: bool
+    embeddings_cache: str  # .npz with the query and corpus embeddings (arrays "queries", "corpus")
+    fidelity: FidelityStats | None = None
+    memory: MemoryResult | None = None
+    speedup: dict[str, float] | None = None
+    extra: dict = Field(default_factory=dict)
+
+
+class ValidationReport(BaseModel):
+    """The outcome of :func:`effir_export.validation.run_validation`."""
+
+    created: str
+    machine: dict
+    config: dict
+    dataset: dict
+    reference: BackendResult
+    backends: list[BackendResult]
+    latency: LatencyReport | None
+    gates: list[GateResult]
+    passed: bool
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def all_results(self) -> list[BackendResult]:
+        return [self.reference, *self.backends]
+
+
+def write_reports(report: ValidationReport, out_dir: str | Path) -> Path:
+    """Write report.json, junit.xml, report.md and the two plots into ``out_dir`` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "report.json").write_text(report.model_dump_json(indent=2))
+        ET.ElementTree(junit(report)).write(tmp / "junit.xml", encoding="utf-8", xml_declaration=True)
+        (tmp / "report.md").write_text(markdown(report))
+        plot_quality(report, tmp / "quality_size_latency.png")
+        plot_fidelity(report, tmp / "fidelity_hist.png")
+    return out_dir
+
+
+def junit(report: ValidationReport) -> ET.Element:
+    """One testcase per (gate, backend); a failed gate is a <failure> naming threshold and value."""
+    suite = ET.Element("testsuite", name="effir-export validate", tests=str(len(report.gates)),
+                       failures=str(len(report.failed_gates)), errors="0", timestamp=report.created)
+    for gate in report.gates:
+        case = ET.SubElement(suite, "testcase", classname=f"validate.{gate.backend}", name=gate.metric)
+        if not gate.passed:
+            ET.SubElement(case, "failure", message=gate_line(gate), type="GateFailed").text = gate_line(gate)
+    return suite
+
+
+def _value(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
+
+
+def gate_line(gate: GateResult) -> str:
+    return f"{gate.metric} [{gate.backend}]: value {_value(gate.value)}, required {gate.comparison} {gate.threshold:g}"
+
+
+def gates_table(gates: list[GateResult]) -> str:
+    """Markdown table: gate, backend, threshold, value, pass/FAIL."""
+    lines = ["| gate | backend | threshold | value | result |", "|---|---|---|---|---|"]
+    lines += [f"| {g.metric} | {g.backend} | {g.comparison} {g.threshold:g} | {_value(g.value)} | "
+              f"{'pass' if g.passed else '**FAIL**'} |" for g in gates]
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
+def markdown(report: ValidationReport) -> str:
+    ds = report.dataset
+    ref = report.reference.retrieval
+    lines = [f"# Validation report ({'PASSED' if report.passed else 'FAILED'})", "",
+             f"Created {report.created} on {report.machine.get('cpu', '?')} "
+             f"({report.machine.get('threads')} threads, torch {report.machine.get('torch')}"
+             f"{', GPU ' + report.machine['gpu'] if report.machine.get('gpu') else ''}).", "",
+             f"Data: `{ds['path']}` — {ds['queries']} judged queries, {ds['documents']} documents, "
+             f"{ds['judgments']} judgments, fingerprint `{ds['fingerprint']}`."]
+    if ds.get("slice"):
+        lines.append(f"Slice: {ds['slice']}.")
+    lines += ["", "## Quality, fidelity, size", "",
+              "| backend | nDCG@10 | Δ points | recall@100 | MRR@10 | cos min | cos p1 | cos mean | params (M) "
+              "| disk MB | peak mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.all_results():
+        f = r.fidelity
+        drop = 100 * (ref["ndcg_at_10"] - r.retrieval["ndcg_at_10"])
+        lines.append(
+            f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {drop:+.2f} | {r.retrieval['recall_at_100']:.4f} | "
+            f"{r.retrieval['mrr_at_10']:.4f} | {f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
+            f"{f.mean if f else 1:.5f} | {'-' if r.parameters is None else f'{r.parameters / 1e6:.1f}'} | "
+            f"{_mb(r.disk_bytes)} | {_mb(r.memory.peak_bytes if r.memory else None)} |")
+    lines.append(f"\nThe first row is the reference (`{report.reference.spec}`); Δ points = (reference − backend) x 100.")
+    if report.latency:
+        lines += ["", latency_markdown(report.latency)]
+    lines += ["", "## Gates", "", gates_table(report.gates) if report.gates else "No gates configured.",
+              "", "![quality vs size vs latency](quality_size_latency.png)", "", "![fidelity](fidelity_hist.png)", ""]
+    return "\n".join(lines)
+
+
+def latency_markdown(lat: LatencyReport) -> str:
+    """The latency section: setup line, then one table per regime."""
+    lines = ["## Latency", "", f"Device {lat.device}{' (' + lat.gpu_name + ')' if lat.gpu_name else ''}, "
+             f"{lat.threads} threads, timer {lat.timer}, {lat.warmup} warm-up + {lat.repeats} timed batches per "
+             f"regime, backends interleaved, baseline `{lat.baseline}`; FLOP bound = baseline FLOPs/token ÷ backend's."]
+    for regime in lat.regimes:
+        lines += ["", f"**{regime.regime}** regime: batch {regime.batch_size}, {regime.mean_tokens_per_text:.1f} "
+                  f"tokens/text, padded length {regime.mean_padded_length:.1f}", "",
+                  "| backend | median ms | p95 ms | tokens/s | speed-up | FLOP bound |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t.backend} | {t.median_ms:.1f} | {t.p95_ms:.1f} | {t.tokens_per_s:.0f} | {t.speedup:.2f}x | "
+                  f"{'-' if t.flop_bound is None else f'{t.flop_bound:.2f}x'} |" for t in regime.timings]
+    return "\n".join(lines)
+
+
+class BenchEntry(BaseModel):
+    """One backend in a benchmark: its size, FLOPs and peak memory (timings are in the latency report)."""
+
+    name: str
+    spec: str
+    device: str
+    parameters: int | None
+    disk_bytes: int | None
+    flops_per_token: dict[str, int] | None
+    memory: MemoryResult | None
+
+
+class BenchReport(BaseModel):
+    """The outcome of :func:`effir_export.validation.run_bench`."""
+
+    created: str
+    machine: dict
+    config: dict
+    dataset: dict
+    backends: list[BenchEntry]
+    latency: LatencyReport
+
+
+def bench_markdown(report: BenchReport) -> str:
+    m = report.machine
+    lines = [f"# Benchmark ({report.created})", "",
+             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
+             f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}. Texts: `{report.dataset['path']}` "
+             f"(slice {report.dataset.get('slice') or 'none'}).", "",
+             "| backend | params (M) | disk MB | peak mem MB | batch x tokens |", "|---|---|---|---|---|"]
+    for e in report.backends:
+        lines.append(f"| {e.name} | {'-' if e.parameters is None else f'{e.parameters / 1e6:.1f}'} | {_mb(e.disk_bytes)} "
+                     f"| {_mb(e.memory.peak_bytes if e.memory else None)} | "
+                     f"{f'{e.memory.batch} x {e.memory.max_tokens}' if e.memory else '-'} |")
+    return "\n".join(lines + ["", latency_markdown(report.latency), ""])
+
+
+def write_bench(report: BenchReport, out_dir: str | Path) -> Path:
+    """Write bench.json and bench.md into ``out_dir`` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "bench.json").write_text(report.model_dump_json(indent=2))
+        (tmp / "bench.md").write_text(bench_markdown(report))
+    return out_dir
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(report: ValidationReport, path: Path) -> None:
+    """nDCG@10 against weight size, and against document-regime latency, one point per backend."""
+    plt = _pyplot()
+    results = report.all_results()
+    latency = {}
+    if report.latency:
+        latency = {t.backend: t.median_ms for r in report.latency.regimes if r.regime == "document" for t in r.timings}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results:
+        ndcg = r.retrieval["ndcg_at_10"]
+        if r.disk_bytes is not None:
+            axes[0].scatter(r.disk_bytes / 1e6, ndcg, s=50)
+            axes[0].annotate(r.name, (r.disk_bytes / 1e6, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        if r.name in latency:
+            axes[1].scatter(latency[r.name], ndcg, s=50)
+            axes[1].annotate(r.name, (latency[r.name], ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    axes[0].set(xlabel="weights on disk (MB)", ylabel="nDCG@10", title="quality vs size")
+    axes[1].set(xlabel="document batch median latency (ms)", ylabel="nDCG@10",
+                title="quality vs latency" if latency else "quality vs latency (latency not measured)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity(report: ValidationReport, path: Path) -> None:
+    """Histogram of 1 - cosine to the reference per backend (log x axis)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.logspace(-8, 0, 41)
+    for r in report.backends:
+        if r.fidelity and r.fidelity.cosines:
+            ax.hist(np.clip(1.0 - np.asarray(r.fidelity.cosines), 1e-8, 1.0), bins=bins, histtype="step", lw=1.5,
+                    label=f"{r.name} (min cos {r.fidelity.min:.4f})")
+    ax.set(xscale="log", xlabel="1 − cosine to the reference", ylabel="texts",
+           title=f"embedding fidelity vs {report.reference.name}")
+    if report.backends:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""``run_validation(config) -> ValidationReport``: encode a BEIR set with the reference and every
+backend, then measure fidelity, retrieval quality, memory and latency, and evaluate the gates."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..accounting import FLOP_SEQ_LENS
+from ..models.embedding import EmbeddingOverride, tokenize_texts
+from ..models.sources import cache_root
+from .backends import Backend, BackendError, BackendSpec, build_backends
+from .beir import BeirData, evaluate, load_beir, search, slice_beir
+from .config import BenchConfig, LatencyConfig, ValidateConfig
+from .fidelity import fidelity
+from .gates import check_gates, evaluate_gates, load_gates
+from .latency import LatencyReport, measure_latency
+from .memory import MemoryResult, measure_encode_memory
+from .report import BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench, write_reports
+
+
+def parse_specs(texts: list[str]) -> list[BackendSpec]:
+    """Parse backend specs; names must be unique."""
+    specs = [BackendSpec.parse(s) for s in texts]
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BackendError(f"backend name(s) {duplicates} used twice; name them apart with NAME=KIND:ARTIFACT")
+    return specs
+
+
+def _baseline(latency: LatencyConfig | None, names: list[str]) -> str:
+    baseline = (latency.baseline if latency else None) or names[0]
+    if baseline not in names:
+        raise BackendError(f"latency baseline '{baseline}' is not a backend; backends: {', '.join(names)}")
+    return baseline
+
+
+def _measure_memory(backends: list[Backend], texts: list[str], batch: int) -> list[MemoryResult]:
+    """Peak memory of each backend encoding the ``batch`` longest texts as one document batch."""
+    longest = sorted(texts, key=len, reverse=True)[:batch]
+    counter = next(b for b in backends if b.tokenizer is not None)
+    max_tokens = max(len(ids) for ids in tokenize_texts(counter.tokenizer, longest, counter.encoder.settings, "document"))
+    return [measure_encode_memory(b, longest, "document", max_tokens) for b in backends]
+
+
+def _flops(backend: Backend, latency: LatencyReport | None) -> dict[str, int] | None:
+    """FLOPs per token at the latency regimes' padded lengths (or the standard lengths)."""
+    lengths = [round(r.mean_padded_length) for r in latency.regimes] if latency else list(FLOP_SEQ_LENS)
+    flops = {str(n): backend.flops_per_token(n) for n in lengths}
+    return None if None in flops.values() else flops
+
+
+def _base(base_dir: str | Path | None) -> Path:
+    return Path(base_dir) if base_dir is not None else Path.cwd()
+
+
+def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
+                   embedding: EmbeddingOverride | None = None) -> ValidationReport:
+    """Validate ``config.backends`` against ``config.reference``; writes reports to ``config.out``
+    when set. Relative paths are taken from ``base_dir`` (default: the working directory);
+    ``embedding`` (a recipe's section) overrides the embedding settings of model-loading backends."""
+    config = config.resolved(_base(base_dir))
+    specs = parse_specs([config.reference, *config.backends])
+    names = [s.name for s in specs]
+    gates = load_gates(config.gates) if config.gates else []
+    check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None})
+    baseline = _baseline(config.latency, names)
+    data = slice_beir(load_beir(config.data, config.split), config.slice)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
+
+    backends = build_backends(specs, config.batch_size, embedding)
+    encoded = [_embed(b, data, cache_dir) for b in backends]
+    results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
+    ref_all = np.concatenate(encoded[0][:2])
+    for result, (queries, corpus, *_) in zip(results[1:], encoded[1:]):
+        result.fidelity = fidelity(np.concatenate([queries, corpus]), ref_all)
+    if config.memory is not None:
+        for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch)):
+            result.memory = memory
+    latency = None
+    if config.latency is not None:
+        latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
+        for result in results:
+            result.speedup = {r.regime: next(t.speedup for t in r.timings if t.backend == result.name)
+                              for r in latency.regimes}
+    for backend, result in zip(backends, results):
+        result.flops_per_token = _flops(backend, latency)
+    dumped = [r.model_dump() for r in results]
+    gate_results = evaluate_gates(gates, dumped[1:], dumped[0])
+    report = ValidationReport(
+        created=_now(), machine=machine_info(), config=config.model_dump(), dataset=data.summary(),
+        reference=results[0], backends=results[1:], latency=latency, gates=gate_results,
+        passed=all(g.passed for g in gate_results))
+    if config.out:
+        write_reports(report, config.out)
+    return report
+
+
+def run_bench(config: BenchConfig, base_dir: str | Path | None = None,
+              embedding: EmbeddingOverride | None = None) -> BenchReport:
+    """Latency/throughput and peak memory of ``config.backends`` side by side (no quality metrics);
+    writes bench.json and bench.md to ``config.out`` when set."""
+    config = config.resolved(_base(base_dir))
+    specs = parse_specs(config.backends)
+    baseline = _baseline(config.latency, [s.name for s in specs])
+    data = slice_beir(load_beir(config.data, config.split), config.slice)
+    backends = build_backends(specs, config.batch_size, embedding)
+    memory = _measure_memory(backends, data.corpus_texts, config.memory.batch) if config.memory else [None] * len(backends)
+    latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
+    entries = [BenchEntry(name=b.name, spec=str(b.spec), device=b.device, parameters=b.parameters,
+                          disk_bytes=b.disk_bytes, flops_per_token=_flops(b, latency), memory=m)
+               for b, m in zip(backends, memory)]
+    report = BenchReport(created=_now(), machine=machine_info(), config=config.model_dump(),
+                         dataset=data.summary(), backends=entries, latency=latency)
+    if config.out:
+        write_bench(report, config.out)
+    return report
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _embed(backend: Backend, data: BeirData, cache_dir: Path) -> tuple[np.ndarray, np.ndarray, bool, float, Path]:
+    """(query embeddings, corpus embeddings, cache hit, seconds, cache file) — cached on disk by model fingerprint,
+    backend kind and settings, and data (slice) fingerprint, so re-running a gate does not re-encode."""
+    key_source = json.dumps([backend.fingerprint, backend.spec.kind, backend.extra,
+                             backend.encoder.settings.model_dump(), data.fingerprint], sort_keys=True, default=str)
+    path = cache_dir / f"{hashlib.sha256(key_source.encode()).hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return stored["queries"], stored["corpus"], True, 0.0, path
+    start = time.perf_counter()
+    queries = backend.encoder.encode(data.query_texts, kind="query", desc=f"{backend.name} queries")
+    corpus = backend.encoder.encode(data.corpus_texts, kind="document", desc=f"{backend.name} corpus")
+    seconds = time.perf_counter() - start
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+    with os.fdopen(handle, "wb") as out:
+        np.savez(out, queries=queries, corpus=corpus)
+    os.replace(tmp, path)
+    return queries, corpus, False, seconds, path
+
+
+def _result(backend: Backend, data: BeirData, queries: np.ndarray, corpus: np.ndarray, cache_hit: bool,
+            seconds: float, cache_file: Path) -> BackendResult:
+    run = search(queries, corpus, data.query_ids, data.corpus_ids)
+    return BackendResult(name=backend.name, spec=str(backend.spec), kind=backend.spec.kind, device=backend.device,
+                         fingerprint=backend.fingerprint, parameters=backend.parameters,
+                         disk_bytes=backend.disk_bytes, flops_per_token=None, retrieval=evaluate(data.qrels, run),
+                         encode_seconds=seconds, cache_hit=cache_hit, embeddings_cache=str(cache_file),
+                         extra=backend.extra)
+
+
+def machine_info() -> dict:
+    """CPU model, thread count, torch version and GPU name (if any)."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+                    if l.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
