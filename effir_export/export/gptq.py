@@ -1,0 +1,197 @@
+"""GPTQ 4-bit checkpoints of a (compressed) decoder retriever, quantised by GPTQModel.
+
+GPTQModel (the maintained successor of auto-gptq) lives in its own environment, ``.venv-gptq``
+(``./install.sh gptq``), because the releases that accept this project's torch pin numpy and
+transformers versions the main environment cannot take. :func:`export_gptq` stages the model as a
+stock ``*ForCausalLM`` folder plus its per-layer structure, runs
+:mod:`effir_export.export.gptq_worker` in that environment (in-process when GPTQModel imports here),
+and turns the result into an effir folder in the standard GPTQ layout: packed int32 ``qweight`` and
+``qzeros``, fp16 ``scales``, ``g_idx``, and ``quantize_config.json`` (bits, group_size, sym, desc_act).
+Load it with :func:`effir_export.export.gptq_loader.load_gptq_model`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from torch import nn
+from safetensors.torch import load_file, save_file
+
+from ..compress.calibration import read_calibration_texts
+from ..errors import EffirError
+from ..models.embedding import tokenize_texts
+from ..models.format import WEIGHTS_NAME, EffirModel, atomic_directory
+from ..models.sources import LoadedModel, load_model
+from ..schema import StrictModel
+from .gptq_worker import STRUCTURE_KEY
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_GPTQ_PYTHON = REPO_ROOT / ".venv-gptq" / "bin" / "python"
+QUANTIZE_CONFIG_NAME = "quantize_config.json"
+INSTALL_HINT = "run `./install.sh gptq` (builds GPTQModel into .venv-gptq) or set EFFIR_GPTQ_PYTHON to a Python that has gptqmodel"
+
+
+class GptqError(EffirError):
+    """GPTQ export could not run (GPTQModel missing, unsupported model, bad calibration data)."""
+
+
+class GptqConfig(StrictModel):
+    """GPTQ weight-only quantisation of every remaining linear layer (embeddings stay in 16 bit).
+
+    ```yaml
+    gptq:
+      bits: 4
+      group_size: 32            # divides every layer's input width; -1 = one group per output row
+      sym: true
+      desc_act: false
+      damp_percent: 0.05
+      calibration: ../data/calibration.txt   # one passage per line, or JSONL with 'text'
+      samples: 128
+      max_length: 256
+    ```
+    """
+
+    bits: Literal[2, 4, 8] = 4
+    group_size: int = Field(default=128, ge=-1)
+    sym: bool = True
+    desc_act: bool = False
+    damp_percent: float = Field(default=0.05, gt=0, lt=1)
+    calibration: str | None = None
+    samples: int = Field(default=128, ge=1)
+    max_length: int = Field(default=256, ge=8)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("group_size must be a positive number of input columns, or -1 for one group per row")
+        return value
+
+
+def export_gptq(source: str | Path | LoadedModel, calibration: str | Path, out_dir: str | Path,
+                config: GptqConfig | None = None, python: str | None = None) -> dict:
+    """Quantise ``source`` with GPTQ on the texts in ``calibration`` and write an effir GPTQ folder.
+
+    Returns the facts written to ``out_dir/gptq_report.json`` (config, sizes, tensor count).
+    """
+    config = config or GptqConfig()
+    loaded = source if isinstance(source, LoadedModel) else load_model(source)
+    check_quantizable(loaded.model, config)
+    texts, calibration_hash = read_calibration_texts(Path(calibration), config.samples)
+    ids = [x[: config.max_length] for x in tokenize_texts(loaded.tokenizer, texts, loaded.embedding, "document")]
+    runner = resolve_runner(python)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gptq-stage-", dir=out_dir.parent) as tmp:
+        tmp = Path(tmp)
+        stage_model(loaded, tmp / "staged")
+        (tmp / "calibration.json").write_text(json.dumps(ids))
+        request = {"model_dir": str(tmp / "staged"), "calibration": str(tmp / "calibration.json"),
+                   "out_dir": str(tmp / "quantized"), "bits": config.bits, "group_size": config.group_size,
+                   "sym": config.sym, "desc_act": config.desc_act, "damp_percent": config.damp_percent}
+        (tmp / "request.json").write_text(json.dumps(request))
+        runner(tmp / "request.json")
+        report = write_effir_checkpoint(loaded, tmp / "quantized", out_dir, config,
+                                        {"file": str(calibration), "samples": len(ids), "fingerprint": calibration_hash})
+    return report
+
+
+def check_quantizable(model: EffirModel, config: GptqConfig) -> None:
+    """Decoder families only, and the group size must divide every quantised layer's input width."""
+    if not model.adapter.is_decoder:
+        raise GptqError(f"GPTQ export supports decoder retrievers (GPTQModel loads them as causal LMs); "
+                        f"family '{model.adapter.name}' is an encoder: use the 4-bit ONNX export instead")
+    if config.group_size <= 0:
+        return
+    widths = {m.in_features for layer in model.layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    bad = sorted(w for w in widths if w % config.group_size)
+    if bad:
+        raise GptqError(f"group_size {config.group_size} does not divide the input width(s) {bad}; "
+                        f"pick a divisor of {sorted(widths)} (e.g. 32) or -1")
+
+
+def stage_model(loaded: LoadedModel, folder: Path) -> None:
+    """Write the backbone as a stock causal-LM folder (``model.*`` keys, tied head) + its structure."""
+    model = loaded.model
+    model.sync_config()
+    folder.mkdir(parents=True)
+    config = dict(model.config.base_config)
+    config.update({STRUCTURE_KEY: model.config.layers, "tie_word_embeddings": True, "use_cache": False})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    loaded.tokenizer.save_pretrained(folder)
+
+
+def resolve_runner(python: str | None):
+    """How to run the worker: in-process when GPTQModel imports here, else the GPTQ environment."""
+    explicit = python or os.environ.get("EFFIR_GPTQ_PYTHON")
+    if explicit is None and importlib.util.find_spec("gptqmodel") is not None:
+        from .gptq_worker import quantize
+
+        return lambda request: quantize(json.loads(Path(request).read_text()))
+    interpreter = Path(explicit) if explicit else DEFAULT_GPTQ_PYTHON
+    if not interpreter.exists():
+        raise GptqError(f"GPTQModel is not installed (no {interpreter}); {INSTALL_HINT}")
+    return lambda request: _run_worker(interpreter, Path(request))
+
+
+def _run_worker(interpreter: Path, request: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run([str(interpreter), "-m", "effir_export.export.gptq_worker", str(request)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise GptqError(f"GPTQModel failed (exit {proc.returncode}) in {interpreter}:\n{tail}")
+    log.debug(proc.stdout)
+
+
+def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, config: GptqConfig,
+                           calibration: dict) -> dict:
+    """GPTQModel's ``model.*`` checkpoint -> an effir folder (``backbone.*`` keys, head dropped)."""
+    qcfg = json.loads((quantized / QUANTIZE_CONFIG_NAME).read_text())
+    state: dict = {}
+    for shard in sorted(quantized.glob("*.safetensors")):
+        for key, tensor in load_file(str(shard)).items():
+            if key.startswith("model."):
+                state["backbone." + key.removeprefix("model.")] = tensor
+    model = loaded.model
+    model.sync_config()
+    effir_config = model.config.to_dict()
+    effir_config["quantization_config"] = qcfg
+    effir_config["architectures"] = ["EffirModel"]
+    quantized_layers = sorted(k.removesuffix(".qweight") for k in state if k.endswith(".qweight"))
+    with atomic_directory(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(effir_config, indent=2, default=str))
+        (tmp / QUANTIZE_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quantization": "gptq"})
+        loaded.tokenizer.save_pretrained(tmp)
+        report = {"source": loaded.source, "config": config.model_dump(), "quantize_config": qcfg,
+                  "calibration": calibration, "quantized_linears": len(quantized_layers),
+                  "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size}
+        (tmp / "gptq_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def gptq_available(python: str | None = None) -> bool:
+    """True when :func:`export_gptq` can run (GPTQModel here or in the GPTQ environment)."""
+    try:
+        resolve_runner(python)
+    except GptqError:
+        return False
+    return True
+
+
+__all__ = ["GptqConfig", "GptqError", "export_gptq", "gptq_available", "DEFAULT_GPTQ_PYTHON"]
