@@ -137,3 +137,48 @@ def test_full_smollm2_exports_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     check = json.loads((tmp_path / "smol" / "export_check.json").read_text())
     assert check["passed"] and check["min_cosine"] >= 0.99999
+
+
+def _fp32_typed(proto: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    return types
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_fp16_graph_keeps_norms_softmax_and_l2_in_fp32_and_matches_on_cpu(family, tmp_path):
+    loaded = tiny_loaded(family)
+    folder = export_onnx(loaded, OnnxExportConfig(precision="fp16"), tmp_path / "fp16")
+    proto = onnx.load(str(folder / "model.onnx"))
+    types = _fp32_typed(proto)
+    fragile = [n for n in proto.graph.node if n.op_type in ("ReduceMean", "LayerNormalization", "Softmax", "ReduceL2",
+                                                            "Sqrt", "Pow")]
+    assert fragile and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in fragile)
+    weights = {t.name: t.data_type for t in proto.graph.initializer}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == onnx.TensorProto.FLOAT16]
+    assert len(matmuls) == expected_linear_count(loaded)  # every Linear computes in fp16
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["passed"] and check["numeric_skipped"] is None and check["min_cosine"] >= 0.999
+    assert json.loads((folder / "effir_onnx.json").read_text())["precision"] == "fp16"
+
+
+def expected_linear_count(loaded) -> int:
+    return sum(isinstance(m, torch.nn.Linear) for layer in loaded.model.layers for m in layer.modules())
+
+
+def test_bf16_graph_is_typed_and_checked_structurally_where_cpu_has_no_kernels(tmp_path):
+    loaded = tiny_loaded("qwen3")
+    folder = export_onnx(loaded, OnnxExportConfig(precision="bf16"), tmp_path / "bf16")
+    proto = onnx.load(str(folder / "model.onnx"))
+    weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    structure = json.loads((folder / "effir_onnx.json").read_text())["structure"]["precision"]
+    assert structure["weights_16bit"] == len(weights)
+    check = json.loads((folder / "export_check.json").read_text())
+    if check["numeric_skipped"] is None:  # a runtime with bf16 kernels on CPU
+        assert check["min_cosine"] >= 0.99
+    else:
+        assert "NOT_IMPLEMENTED" in check["numeric_skipped"] and check["runs"] == []

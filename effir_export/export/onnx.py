@@ -113,11 +113,12 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
         graph = tmp / GRAPH_NAME
         trace_to_onnx(loaded.model, graph, config)
         proto = onnx.load(str(graph))
-        check_structure(proto, loaded.model)
+        structure = {"matmuls": check_structure(proto, loaded.model)}
         if config.precision != "fp32":
-            from .precision import convert_precision
+            from .precision import check_precision_structure, convert_precision
 
-            proto = convert_precision(proto, config.precision)
+            proto = convert_precision(proto, config.precision, loaded.model)
+            structure["precision"] = check_precision_structure(proto, config.precision, loaded.model)
         method = None
         if config.int4 is not None:
             from .int4 import quantize_int4
@@ -139,6 +140,7 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
             "source_fingerprint": loaded.fingerprint(),
             "opset": config.opset,
             "external_data": (tmp / DATA_NAME).exists(),
+            "structure": structure,
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
         run_export_check(tmp, loaded)
@@ -188,12 +190,24 @@ def save_graph(proto: onnx.ModelProto, path: Path) -> None:
 MATMUL_OPS = ("MatMul", "Gemm", "MatMulNBits")
 
 
+def node_scope(module_name: str) -> str:
+    """The node-name prefix of a module of the exported :class:`EffirModel` (``backbone.layers.3.mlp`` ->
+    ``/model/backbone/layers.3/mlp/``): the TorchScript exporter names nodes by module path, with
+    ModuleList items joined to their list by a dot."""
+    parts: list[str] = []
+    for part in module_name.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/model/" + "/".join(parts) + "/"
+
+
 def layer_scopes(model: EffirModel) -> list[str]:
-    """The node-name prefix of each layer in the traced graph (``/model/backbone/layers.3/``): the
-    TorchScript exporter names nodes by module path, ModuleList items joined with a dot."""
+    """The node-name prefix of each layer in the traced graph."""
     layers = model.layers
     list_name = next(name for name, module in model.named_modules() if module is layers)
-    return [f"/model/{list_name.replace('.', '/')}.{i}/" for i in range(len(layers))]
+    return [node_scope(f"{list_name}.{i}") for i in range(len(layers))]
 
 
 def count_matmuls(proto: onnx.ModelProto, scopes: list[str]) -> dict:

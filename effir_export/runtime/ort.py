@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
 from tqdm.auto import tqdm
 
 from ..errors import EffirError
@@ -24,6 +25,10 @@ _LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphO
 
 class RuntimeBackendError(EffirError):
     """An ONNX Runtime session could not be set up as requested."""
+
+
+class MissingKernelError(RuntimeBackendError):
+    """The provider has no kernel for an op/type in the graph (e.g. bf16 on the CPU provider)."""
 
 
 def resolve_providers(requested: list[str] | None) -> list[str]:
@@ -86,7 +91,11 @@ class OrtEncoder:
         try:
             session = ort.InferenceSession(str(folder / graph), sess_options=session_options(threads, optimization),
                                            providers=resolve_providers(providers))
-        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+        except _state.NotImplemented as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise MissingKernelError(f"{', '.join(resolve_providers(providers))} cannot run '{folder / graph}': {first}; "
+                                     "use a provider that supports the graph's precision") from None
+        except (_state.Fail, _state.InvalidGraph, _state.InvalidProtobuf, _state.InvalidArgument) as exc:
             first = str(exc).strip().splitlines()[0]
             raise RuntimeBackendError(f"onnxruntime cannot load '{folder / graph}': {first}") from None
         tokenizer = AutoTokenizer.from_pretrained(folder)

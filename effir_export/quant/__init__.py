@@ -1,0 +1,1 @@
+"""Weight quantisation solvers, independent of any export format (GPTQ)."""
