@@ -1,6 +1,7 @@
 """``effir-export triton ARTIFACTS --out REPO`` and ``effir-export serve REPO``."""
 from __future__ import annotations
 
+import signal
 import time
 
 import click
@@ -71,6 +72,7 @@ def serve(repo: str, http_port: int | None, grpc_port: int | None, timeout: floa
     (the server's log lives in a temporary folder removed at exit)."""
     from ..serve.server import TritonServer, TritonServerError
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, like Ctrl-C
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port).start(timeout=timeout)
     try:
         click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)")
@@ -81,3 +83,7 @@ def serve(repo: str, http_port: int | None, grpc_port: int | None, timeout: floa
         click.echo("stopping")
     finally:
         server.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -10,6 +10,7 @@ stub ignores PYTHONPATH, so the generated model.py files read ``EFFIR_TRITON_SIT
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -126,10 +127,10 @@ class TritonServer:
                    "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                    "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                    "--allow-metrics=false", "--disable-auto-complete-config", "--exit-on-error=true",
-                   "--strict-readiness=true", "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
+                   "--strict-readiness=true", "--exit-timeout-secs=2", f"--log-verbose={self.log_verbose}"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._environment(),
-                                            cwd=self.workdir, start_new_session=True)
+                                            cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -181,6 +182,12 @@ class TritonServer:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux prctl), so a
+    killed test run or CLI leaves no server behind."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def check_repository(repository: Path, require_cpu_flavour: bool = True) -> None:
