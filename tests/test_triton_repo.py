@@ -163,6 +163,14 @@ def test_cli_writes_the_repository(tiny_export, tmp_path):
     assert result.exit_code == 0, result.output
     assert load_model_config(tmp_path / "repo" / "tiny_encoder" / "config.pbtxt").max_batch_size == 8
     assert "tiny" in result.output
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: t\nmodel: {source: tiny}\ntriton: {name: fromrecipe, max_batch_size: 4, instances: 3}\n")
+    result = CliRunner().invoke(main, ["triton", str(tiny_export), "--out", str(tmp_path / "r2"), "--recipe",
+                                       str(recipe), "--instances", "2"])
+    assert result.exit_code == 0, result.output
+    encoder = load_model_config(tmp_path / "r2" / "fromrecipe_encoder" / "config.pbtxt")
+    assert encoder.max_batch_size == 4 and encoder.instance_group[0].count == 2  # the option wins over the recipe
+    assert (tmp_path / "r2" / "fromrecipe" / "1" / "recipe.yaml").read_text() == recipe.read_text()
     for command in (["triton", "--help"], ["serve", "--help"]):
         help_text = CliRunner().invoke(main, command).output
         assert "Writes" in help_text or "writes" in help_text

@@ -15,32 +15,34 @@ def register(group: click.Group) -> None:
 @click.command()
 @click.argument("artifacts", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Repository folder to write.")
-@click.option("--flavour", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="cpu: python backend + ONNX Runtime (serves anywhere); gpu: onnxruntime backend on KIND_GPU.")
-@click.option("--name", default="effir", show_default=True, help="Ensemble name (models <name>_tokenizer, <name>_encoder).")
-@click.option("--max-batch-size", type=int, default=64, show_default=True)
-@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batching delay.")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
-@click.option("--tensorrt", is_flag=True, help="gpu flavour: ONNX Runtime's TensorRT accelerator.")
+@click.option("--flavour", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="cpu (default): python backend + ONNX Runtime, serves anywhere; gpu: onnxruntime backend on KIND_GPU.")
+@click.option("--name", default=None, help="Ensemble name (default effir; models <name>_tokenizer, <name>_encoder).")
+@click.option("--max-batch-size", type=int, default=None, help="Default 64.")
+@click.option("--max-queue-delay-us", type=int, default=None, help="Dynamic batching delay (default 2000).")
+@click.option("--instances", type=int, default=None, help="Model instances per device (default 1).")
+@click.option("--tensorrt", is_flag=True, default=None, help="gpu flavour: ONNX Runtime's TensorRT accelerator.")
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="gpu flavour: folder of TensorRT <profile>.plan files to serve as tensorrt_plan models.")
-@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None, help="Copied beside each version.")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Recipe whose `triton:` section gives the defaults; copied beside each version.")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation report, copied beside each version.")
-def triton(artifacts: str, out: str, flavour: str, name: str, max_batch_size: int, max_queue_delay_us: int,
-           instances: int, tensorrt: bool, engines: str | None, recipe: str | None, report: str | None) -> None:
+def triton(artifacts: str, out: str, engines: str | None, recipe: str | None, report: str | None, **options) -> None:
     """Write a Triton model repository for the ONNX export ARTIFACTS.
 
+    Settings: the recipe's `triton:` section (TritonConfig) when --recipe is given, then the options.
     Writes OUT/<name>_tokenizer (python backend: text + kind -> token ids), OUT/<name>_encoder
     (token ids -> embedding) and the ensemble OUT/<name> (text -> embedding), each as
     config.pbtxt + 1/ (model files, recipe and report), plus OUT/effir_triton.json. Atomic: on error
     nothing is left at OUT.
     """
+    from ..recipe import load_recipe
     from ..serve.triton import TritonConfig, write_triton_repository
 
-    config = validated_config(TritonConfig, dict(name=name, flavour=flavour, max_batch_size=max_batch_size,
-                                                 max_queue_delay_us=max_queue_delay_us, instances=instances,
-                                                 tensorrt=tensorrt))
+    base = load_recipe(recipe).triton if recipe else None
+    values = {**(base.model_dump() if base else {}), **{k: v for k, v in options.items() if v is not None}}
+    config = validated_config(TritonConfig, values)
     repo = write_triton_repository(artifacts, config, out, engines=engines, recipe=recipe, report=report)
     names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     click.echo(f"wrote {repo} ({config.flavour} flavour): {', '.join(names)}; clients call '{config.name}' "
