@@ -77,8 +77,8 @@ def test_minilm_ci_gate_passes_and_matches_pytrec_eval(shared_data, cache_dir, t
 def test_degraded_backend_fails_fidelity_and_ndcg_gates(shared_data, cache_dir, tmp_path, monkeypatch):
     torch_factory = backend_registry.FACTORIES["torch"]
 
-    def noisy(spec, batch_size, embedding):
-        backend = torch_factory(spec, batch_size, embedding)
+    def noisy(spec, options):
+        backend = torch_factory(spec, options)
         backend.encoder = NoisyEncoder(backend.encoder, sigma=0.06)
         return backend
 

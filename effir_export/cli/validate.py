@@ -56,6 +56,8 @@ _common = [
                  help="Fill the corpus with other documents (seeded, deterministic) up to M documents."),
     click.option("--seed", type=int, default=None, help="Seed of the slice's document sample."),
     click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Encoding batch size."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads for PyTorch and ONNX Runtime (default: theirs; 1 is steadier on a busy CPU)."),
     click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (replaced atomically)."),
 ]
 
@@ -77,7 +79,7 @@ def _with_common(func):
               help="Corpus-embedding cache (default: $EFFIR_CACHE/embeddings or ~/.cache/effir-export/embeddings).")
 @_with_common
 def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recipe_path, data, slice_queries,
-             slice_docs, seed, batch_size, out) -> None:
+             slice_docs, seed, batch_size, threads, out) -> None:
     """Compare backends with a reference on a BEIR set: per-text embedding cosine (min/p1/mean),
     nDCG@10, recall@100 and MRR@10 (pytrec_eval), weight size, peak memory, query/document latency
     and the FLOP bound; then check the gates.
@@ -92,7 +94,7 @@ def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recip
 
     base, embedding = _from_recipe(recipe_path)
     overrides = {"reference": reference, "backends": list(backends) or None, "data": data, "gates": gates,
-                 "batch_size": batch_size, "out": out, "cache_dir": cache_dir,
+                 "batch_size": batch_size, "threads": threads, "out": out, "cache_dir": cache_dir,
                  "slice": _slice(slice_queries, slice_docs, seed, base)}
     config = _config(ValidateConfig, base, overrides)
     if no_latency:
@@ -115,10 +117,9 @@ def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recip
 @click.option("--document-batch", type=click.IntRange(min=1), default=None, help="Batch size of the document regime.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed batches per regime.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed batches per regime.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for PyTorch.")
 @_with_common
-def bench(backends, baseline, query_batch, document_batch, warmup, repeats, threads, recipe_path, data,
-          slice_queries, slice_docs, seed, batch_size, out) -> None:
+def bench(backends, baseline, query_batch, document_batch, warmup, repeats, recipe_path, data,
+          slice_queries, slice_docs, seed, batch_size, threads, out) -> None:
     """Time BACKENDS ([NAME=]KIND:ARTIFACT ...) side by side on the same batches of a BEIR set's texts:
     query regime (short texts, small batches) and document regime (longest texts, larger batches);
     median/p95 per batch, tokens/s, speed-up over the baseline next to the FLOP bound, peak memory.
@@ -131,10 +132,10 @@ def bench(backends, baseline, query_batch, document_batch, warmup, repeats, thre
     section, embedding = _from_recipe(recipe_path)
     latency = section.latency.model_dump() if section is not None and section.latency else {}
     latency.update({k: v for k, v in {"baseline": baseline, "query_batch": query_batch, "document_batch": document_batch,
-                                      "warmup": warmup, "repeats": repeats, "threads": threads}.items() if v is not None})
-    defaults = {"data": section.data, "split": section.split, "batch_size": section.batch_size,
+                                      "warmup": warmup, "repeats": repeats}.items() if v is not None})
+    defaults = {"data": section.data, "split": section.split, "batch_size": section.batch_size, "threads": section.threads,
                 "slice": section.slice.model_dump() if section.slice else None} if section is not None else {}
-    overrides = {"backends": list(backends) or None, "data": data, "batch_size": batch_size, "out": out,
+    overrides = {"backends": list(backends) or None, "data": data, "batch_size": batch_size, "threads": threads, "out": out,
                  "latency": latency, "slice": _slice(slice_queries, slice_docs, seed, section)}
     config = _config(BenchConfig, None, {**defaults, **{k: v for k, v in overrides.items() if v is not None}})
     report = run_bench(config, embedding=embedding)

@@ -84,30 +84,39 @@ class Backend:
         return None if self.structure is None else flops_per_token(self.structure, seq_len)
 
 
-Factory = Callable[[BackendSpec, int, EmbeddingOverride | None], Backend]
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run every backend of a run: encoding batch size, a recipe's embedding overrides (for
+    backends that load a model; exports carry their own), and CPU threads for runtimes that own a
+    thread pool (ONNX Runtime; PyTorch's is process-wide and set by the caller)."""
+
+    batch_size: int = 32
+    embedding: EmbeddingOverride | None = None
+    threads: int | None = None
+
+
+Factory = Callable[[BackendSpec, BackendOptions], Backend]
 FACTORIES: dict[str, Factory] = {}
 
 
 def register_backend(kind: str, factory: Factory) -> None:
-    """Make ``kind`` usable in specs; ``factory(spec, batch_size, embedding) -> Backend`` (``embedding``:
-    a recipe's overrides of the model's own embedding settings, for backends that load a model)."""
+    """Make ``kind`` usable in specs; ``factory(spec, options) -> Backend``."""
     FACTORIES[kind] = factory
 
 
-def build_backend(spec: BackendSpec | str, batch_size: int = 32, embedding: EmbeddingOverride | None = None) -> Backend:
+def build_backend(spec: BackendSpec | str, options: BackendOptions = BackendOptions()) -> Backend:
     """Construct the backend a spec names (loads the artifact)."""
     spec = BackendSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.kind not in FACTORIES:
         raise BackendError(f"unknown backend kind '{spec.kind}' in '{spec.kind}:{spec.artifact}'; "
                            f"known kinds: {', '.join(sorted(FACTORIES))}")
-    return FACTORIES[spec.kind](spec, batch_size, embedding)
+    return FACTORIES[spec.kind](spec, options)
 
 
-def build_backends(specs: list[BackendSpec], batch_size: int = 32,
-                   embedding: EmbeddingOverride | None = None) -> list[Backend]:
+def build_backends(specs: list[BackendSpec], options: BackendOptions = BackendOptions()) -> list[Backend]:
     """Build every spec; an export that records its source's fingerprint (ONNX) borrows the structure
     of a backend of that same source, so its parameters and FLOPs are reported too."""
-    backends = [build_backend(spec, batch_size, embedding) for spec in specs]
+    backends = [build_backend(spec, options) for spec in specs]
     structures = {b.fingerprint: b.structure for b in backends if b.structure is not None}
     for backend in backends:
         if backend.structure is None:
@@ -137,7 +146,7 @@ def skeleton(folder: Path) -> EffirModel | None:
 
 
 def _torch_factory(dtype_name: str) -> Factory:
-    def factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverride | None) -> Backend:
+    def factory(spec: BackendSpec, options: BackendOptions) -> Backend:
         import torch
 
         from ..models.encoder import Encoder
@@ -145,15 +154,16 @@ def _torch_factory(dtype_name: str) -> Factory:
 
         loaded = load_model(spec.artifact)
         fingerprint = loaded.fingerprint()
-        settings = embedding.apply(loaded.embedding) if embedding else loaded.embedding
-        encoder = Encoder(loaded.model, loaded.tokenizer, settings, dtype=getattr(torch, dtype_name), batch_size=batch_size)
+        settings = options.embedding.apply(loaded.embedding) if options.embedding else loaded.embedding
+        encoder = Encoder(loaded.model, loaded.tokenizer, settings, dtype=getattr(torch, dtype_name),
+                          batch_size=options.batch_size)
         where = loaded.folder or Path(loaded.source)
         return Backend(spec, encoder, loaded.tokenizer, fingerprint, artifact_bytes(where), loaded.model,
                        device=encoder.device.type, extra={"dtype": dtype_name})
     return factory
 
 
-def _onnx_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverride | None) -> Backend:
+def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     """ONNX Runtime over an export folder; its embedding settings are the ones exported with it."""
     from ..models.sources import hash_files
 
@@ -164,7 +174,7 @@ def _onnx_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverri
         from ..runtime.ort import OrtEncoder
     except ImportError as exc:
         raise BackendError(f"onnx backend needs effir_export.runtime.ort and onnxruntime ({exc})") from None
-    encoder = OrtEncoder.from_folder(folder, batch_size=batch_size)
+    encoder = OrtEncoder.from_folder(folder, threads=options.threads, batch_size=options.batch_size)
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     meta_file = folder / "effir_onnx.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -174,7 +184,7 @@ def _onnx_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverri
                    extra={k: meta[k] for k in ("precision", "weights", "source_fingerprint") if k in meta})
 
 
-def _gptq_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverride | None) -> Backend:
+def _gptq_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     """A GPTQ checkpoint of an effir model, dequantised by effir-export's own loader (CPU or GPU)."""
     from transformers import AutoTokenizer
 
@@ -191,8 +201,8 @@ def _gptq_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverri
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    settings = embedding.apply(model.embedding_config) if embedding else model.embedding_config
-    encoder = Encoder(model, tokenizer, settings, batch_size=batch_size)
+    settings = options.embedding.apply(model.embedding_config) if options.embedding else model.embedding_config
+    encoder = Encoder(model, tokenizer, settings, batch_size=options.batch_size)
     qcfg = model.config.quantization_config
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
     return Backend(spec, encoder, tokenizer, hash_files([folder / "config.json", folder / "model.safetensors"]),
@@ -200,7 +210,7 @@ def _gptq_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverri
                    extra={k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")})
 
 
-def _tensorrt_factory(spec: BackendSpec, batch_size: int, embedding: EmbeddingOverride | None) -> Backend:
+def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     """TensorRT engines (GPU only): a clear error where TensorRT or a CUDA GPU is absent; otherwise
     ``effir_export.runtime.tensorrt.TrtEncoder.from_folder`` loads the engine folder."""
     import torch

@@ -30,7 +30,7 @@ class LatencyConfig(StrictModel):
     speed-ups are relative to (default: the reference).
 
     ```yaml
-    latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10, threads: null, baseline: null}
+    latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10, baseline: null}
     ```
     """
 
@@ -38,7 +38,6 @@ class LatencyConfig(StrictModel):
     document_batch: int = Field(32, ge=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(10, ge=1)
-    threads: int | None = Field(None, ge=1)
     baseline: str | None = None
 
 
@@ -66,6 +65,7 @@ class ValidateConfig(StrictModel):
       split: test
       slice: {queries: 20, documents: 500, seed: 0}   # omit for the whole set
       batch_size: 32
+      threads: null            # CPU threads for PyTorch and ONNX Runtime (null: their defaults)
       gates: ../validation/ci-gates.yaml
       latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10}
       memory: {batch: 16}
@@ -79,6 +79,7 @@ class ValidateConfig(StrictModel):
     split: str = "test"
     slice: SliceConfig | None = None
     batch_size: int = Field(32, ge=1)
+    threads: int | None = Field(None, ge=1)
     gates: str | None = None
     latency: LatencyConfig | None = LatencyConfig()
     memory: MemoryConfig | None = MemoryConfig()
@@ -111,6 +112,7 @@ class BenchConfig(StrictModel):
       backends: [torch:smollm2-135m, bf16=torch-bf16:smollm2-135m, onnx:../out/onnx-fp32]
       data: ../../shared/data/dbpedia_subset
       slice: {queries: 50, documents: 1000}
+      threads: 2
       latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10}
       memory: {batch: 16}
       out: ../reports/bench
@@ -122,6 +124,7 @@ class BenchConfig(StrictModel):
     split: str = "test"
     slice: SliceConfig | None = None
     batch_size: int = Field(32, ge=1)
+    threads: int | None = Field(None, ge=1)
     latency: LatencyConfig = LatencyConfig()
     memory: MemoryConfig | None = MemoryConfig()
     out: str | None = None

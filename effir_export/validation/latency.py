@@ -78,21 +78,13 @@ def measure_latency(backends: list[Backend], query_texts: list[str], document_te
                     config: LatencyConfig, baseline: str) -> LatencyReport:
     """Time every backend on the same batches; repeats are interleaved across backends (rotating the
     order each round) so drift on a shared machine hits all of them alike."""
-    by_name = {b.name: b for b in backends}
-    base = by_name[baseline]
-    previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        long_docs = sorted(document_texts, key=len, reverse=True)
-        regimes = [_measure_regime(backends, base, "query", query_texts, config.query_batch, config),
-                   _measure_regime(backends, base, "document", long_docs, config.document_batch, config)]
-        threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
+    base = {b.name: b for b in backends}[baseline]
+    long_docs = sorted(document_texts, key=len, reverse=True)
+    regimes = [_measure_regime(backends, base, "query", query_texts, config.query_batch, config),
+               _measure_regime(backends, base, "document", long_docs, config.document_batch, config)]
     device = "cuda" if any(b.device == "cuda" for b in backends) else "cpu"
     return LatencyReport(device=device, timer="cuda events" if device == "cuda" else "time.perf_counter",
-                         threads=threads, gpu_name=torch.cuda.get_device_name() if device == "cuda" else None,
+                         threads=torch.get_num_threads(), gpu_name=torch.cuda.get_device_name() if device == "cuda" else None,
                          baseline=baseline, warmup=config.warmup, repeats=config.repeats, regimes=regimes)
 
 

@@ -208,14 +208,15 @@ def plot_quality(report: ValidationReport, path: Path) -> None:
     if report.latency:
         latency = {t.backend: t.median_ms for r in report.latency.regimes if r.regime == "document" for t in r.timings}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in results:
+    for index, r in enumerate(results):
         ndcg = r.retrieval["ndcg_at_10"]
+        label = dict(fontsize=8, xytext=(5, 4 + 9 * (index % 3)), textcoords="offset points")  # stagger equal points
         if r.disk_bytes is not None:
             axes[0].scatter(r.disk_bytes / 1e6, ndcg, s=50)
-            axes[0].annotate(r.name, (r.disk_bytes / 1e6, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            axes[0].annotate(r.name, (r.disk_bytes / 1e6, ndcg), **label)
         if r.name in latency:
             axes[1].scatter(latency[r.name], ndcg, s=50)
-            axes[1].annotate(r.name, (latency[r.name], ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            axes[1].annotate(r.name, (latency[r.name], ndcg), **label)
     axes[0].set(xlabel="weights on disk (MB)", ylabel="nDCG@10", title="quality vs size")
     axes[1].set(xlabel="document batch median latency (ms)", ylabel="nDCG@10",
                 title="quality vs latency" if latency else "quality vs latency (latency not measured)")

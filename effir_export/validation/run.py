@@ -8,8 +8,10 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ import torch
 from ..accounting import FLOP_SEQ_LENS
 from ..models.embedding import EmbeddingOverride, tokenize_texts
 from ..models.sources import cache_root
-from .backends import Backend, BackendError, BackendSpec, build_backends
+from .backends import Backend, BackendError, BackendOptions, BackendSpec, build_backends
 from .beir import BeirData, evaluate, load_beir, search, slice_beir
 from .config import BenchConfig, LatencyConfig, ValidateConfig
 from .fidelity import fidelity
@@ -59,6 +61,19 @@ def _flops(backend: Backend, latency: LatencyReport | None) -> dict[str, int] | 
     return None if None in flops.values() else flops
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's (process-wide) CPU thread count for the duration, restored afterwards. On a shared or
+    busy CPU, fewer threads than cores avoids OpenMP's oversubscription stalls."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _base(base_dir: str | Path | None) -> Path:
     return Path(base_dir) if base_dir is not None else Path.cwd()
 
@@ -77,27 +92,29 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     data = slice_beir(load_beir(config.data, config.split), config.slice)
     cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
-    backends = build_backends(specs, config.batch_size, embedding)
-    encoded = [_embed(b, data, cache_dir) for b in backends]
-    results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
-    ref_all = np.concatenate(encoded[0][:2])
-    for result, (queries, corpus, *_) in zip(results[1:], encoded[1:]):
-        result.fidelity = fidelity(np.concatenate([queries, corpus]), ref_all)
-    if config.memory is not None:
-        for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch)):
-            result.memory = memory
-    latency = None
-    if config.latency is not None:
-        latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
-        for result in results:
-            result.speedup = {r.regime: next(t.speedup for t in r.timings if t.backend == result.name)
-                              for r in latency.regimes}
-    for backend, result in zip(backends, results):
-        result.flops_per_token = _flops(backend, latency)
+    with torch_threads(config.threads):
+        backends = build_backends(specs, BackendOptions(config.batch_size, embedding, config.threads))
+        encoded = [_embed(b, data, cache_dir) for b in backends]
+        results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
+        ref_all = np.concatenate(encoded[0][:2])
+        for result, (queries, corpus, *_) in zip(results[1:], encoded[1:]):
+            result.fidelity = fidelity(np.concatenate([queries, corpus]), ref_all)
+        if config.memory is not None:
+            for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch)):
+                result.memory = memory
+        latency = None
+        if config.latency is not None:
+            latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
+            for result in results:
+                result.speedup = {r.regime: next(t.speedup for t in r.timings if t.backend == result.name)
+                                  for r in latency.regimes}
+        for backend, result in zip(backends, results):
+            result.flops_per_token = _flops(backend, latency)
+        machine = machine_info()
     dumped = [r.model_dump() for r in results]
     gate_results = evaluate_gates(gates, dumped[1:], dumped[0])
     report = ValidationReport(
-        created=_now(), machine=machine_info(), config=config.model_dump(), dataset=data.summary(),
+        created=_now(), machine=machine, config=config.model_dump(), dataset=data.summary(),
         reference=results[0], backends=results[1:], latency=latency, gates=gate_results,
         passed=all(g.passed for g in gate_results))
     if config.out:
@@ -113,13 +130,15 @@ def run_bench(config: BenchConfig, base_dir: str | Path | None = None,
     specs = parse_specs(config.backends)
     baseline = _baseline(config.latency, [s.name for s in specs])
     data = slice_beir(load_beir(config.data, config.split), config.slice)
-    backends = build_backends(specs, config.batch_size, embedding)
-    memory = _measure_memory(backends, data.corpus_texts, config.memory.batch) if config.memory else [None] * len(backends)
-    latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
+    with torch_threads(config.threads):
+        backends = build_backends(specs, BackendOptions(config.batch_size, embedding, config.threads))
+        memory = _measure_memory(backends, data.corpus_texts, config.memory.batch) if config.memory else [None] * len(backends)
+        latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
+        machine = machine_info()
     entries = [BenchEntry(name=b.name, spec=str(b.spec), device=b.device, parameters=b.parameters,
                           disk_bytes=b.disk_bytes, flops_per_token=_flops(b, latency), memory=m)
                for b, m in zip(backends, memory)]
-    report = BenchReport(created=_now(), machine=machine_info(), config=config.model_dump(),
+    report = BenchReport(created=_now(), machine=machine, config=config.model_dump(),
                          dataset=data.summary(), backends=entries, latency=latency)
     if config.out:
         write_bench(report, config.out)
