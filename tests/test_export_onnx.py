@@ -170,7 +170,11 @@ def expected_linear_count(loaded) -> int:
 
 def test_bf16_graph_is_typed_and_checked_structurally_where_cpu_has_no_kernels(tmp_path):
     loaded = tiny_loaded("qwen3")
-    folder = export_onnx(loaded, OnnxExportConfig(precision="bf16"), tmp_path / "bf16")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "onnx", str(tmp_path / "model"), "--out", str(tmp_path / "bf16"),
+                                       "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "bf16"
     proto = onnx.load(str(folder / "model.onnx"))
     weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
     assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights)
@@ -182,3 +186,13 @@ def test_bf16_graph_is_typed_and_checked_structurally_where_cpu_has_no_kernels(t
         assert check["min_cosine"] >= 0.99
     else:
         assert "NOT_IMPLEMENTED" in check["numeric_skipped"] and check["runs"] == []
+        assert "structural only" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_smollm2_fp16_graph_passes_the_numeric_check_on_cpu(smollm2, tmp_path):
+    folder = export_onnx(smollm2, OnnxExportConfig(precision="fp16"), tmp_path / "fp16")
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["numeric_skipped"] is None and check["min_cosine"] >= 0.999
+    assert (folder / "model.onnx").stat().st_size < 0.55 * 539e6  # 16-bit weights (the norms' few stay fp32)

@@ -42,23 +42,13 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
     precision, weights, fingerprint) and OUT/export_check.json: every export ends with an ONNX Runtime vs
     PyTorch check on real texts at several batch sizes; failing it fails the command and writes nothing.
     """
-    from ..export.onnx import OnnxExportConfig, export_onnx
+    from ..export.onnx import export_onnx
     from ..models.sources import load_model
     from ..recipe import RECIPES_DIR, load_recipe
 
     recipe = load_recipe(recipe_path) if recipe_path else None
-    config = (recipe.onnx if recipe and recipe.onnx else OnnxExportConfig()).model_copy(deep=True)
-    updates = {"precision": precision, "token_states": token_states, "opset": opset}
-    config = config.model_validate({**config.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
-    int4_updates = {"method": method, "block_size": block_size, "symmetric": symmetric}
-    if weights == "float":
-        config.int4 = None
-    elif weights == "int4" or (config.int4 is not None):
-        base = config.int4.model_dump() if config.int4 is not None else {}
-        config = config.model_validate({**config.model_dump(), "int4": {
-            **base, **{k: v for k, v in int4_updates.items() if v is not None}}})
-    elif any(v is not None for v in int4_updates.values()):
-        raise click.UsageError("--method/--block-size/--symmetric apply to --weights int4 only")
+    config = build_config(recipe.onnx if recipe else None, precision=precision, token_states=token_states,
+                          opset=opset, weights=weights, method=method, block_size=block_size, symmetric=symmetric)
     calibration_path = None
     if config.int4 is not None and config.int4.method == "gptq":
         calibration_path = Path(calibration) if calibration else (
@@ -71,6 +61,45 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     click.echo(f"wrote {folder}/model.onnx ({size / 1e6:.1f} MB, {config.precision}, "
                f"{'int4 ' + config.int4.method if config.int4 else 'float weights'})")
-    click.echo(f"check: min cosine {check['min_cosine']:.6f} (>= {check['min_cosine_threshold']}), "
-               f"max abs diff {check['max_abs_diff']:.2e} over {check['texts']} texts, batch sizes "
-               f"{', '.join(str(r['batch_size']) for r in check['runs'])}")
+    click.echo(format_check(check))
+
+
+def build_config(base, weights: str | None, method: str | None, block_size: int | None, symmetric: bool | None,
+                 **overrides):
+    """The recipe's ``onnx:`` section (or the defaults) with the command-line options applied; a recipe
+    ``int4:`` section means int4 unless ``--weights float``."""
+    from pydantic import ValidationError
+
+    from ..export.onnx import OnnxExportConfig
+    from ..recipe import describe_validation_error
+
+    data = (base or OnnxExportConfig()).model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    int4_options = {k: v for k, v in {"method": method, "block_size": block_size, "symmetric": symmetric}.items()
+                    if v is not None}
+    if weights == "float":
+        data["int4"] = None
+    elif weights == "int4" or data["int4"] is not None:
+        data["int4"] = {**(data["int4"] or {}), **int4_options}
+        if "method" in int4_options and "symmetric" not in int4_options:
+            data["int4"]["symmetric"] = None  # the method's own default
+    if int4_options and data["int4"] is None:
+        raise click.UsageError("--method/--block-size/--symmetric apply to --weights int4 only")
+    try:
+        return OnnxExportConfig.model_validate(data)
+    except ValidationError as exc:
+        raise click.UsageError(describe_validation_error(exc)) from None
+
+
+def format_check(check: dict) -> str:
+    """One line (two for 4-bit) summarising ``export_check.json``."""
+    if check["numeric_skipped"]:
+        return f"check: structural only; numeric check skipped ({check['numeric_skipped']})"
+    line = (f"check: min cosine {check['min_cosine']:.6f} (>= {check['min_cosine_threshold']}) vs {check['reference']}, "
+            f"max abs diff {check['max_abs_diff']:.2e} over {check['texts']} texts, batch sizes "
+            f"{', '.join(str(r['batch_size']) for r in check['runs'])}")
+    if check["fidelity_to_float"]:
+        fidelity = check["fidelity_to_float"]
+        line += (f"\n4-bit fidelity to the float model: mean cosine {fidelity['mean_cosine']:.4f}, "
+                 f"min {fidelity['min_cosine']:.4f}")
+    return line

@@ -208,3 +208,50 @@ def matmul_nbits_node(node: onnx.NodeProto, quantized: QuantizedWeight, config: 
         attrs["accuracy_level"] = config.accuracy_level
     return onnx.helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
                                  domain="com.microsoft", **attrs)
+
+
+# --- reading a 4-bit graph back ---------------------------------------------------------------------------
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: bytes [..., m] -> codes [..., 2m]."""
+    codes = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    return codes
+
+
+def dequantize_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """The float32 weight [N, K] a ``MatMulNBits`` node computes with: (code - zero point) * scale per
+    block; the zero point is 8 when absent, packed 4-bit, or a float (hqq)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    blocks = math.ceil(k / block)
+    codes = unpack_nibbles(numpy_helper.to_array(initializers[node.input[1]]).reshape(n, -1)).astype(np.float32)
+    scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, blocks)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(initializers[node.input[3]])
+        zeros = (unpack_nibbles(zp.reshape(n, -1))[:, :blocks] if zp.dtype == np.uint8
+                 else zp.reshape(n, blocks)).astype(np.float32)
+    else:
+        zeros = np.full((n, blocks), 2 ** (BITS - 1), dtype=np.float32)
+    weight = (codes - np.repeat(zeros, block, axis=1)) * np.repeat(scales, block, axis=1)
+    return weight[:, :k]
+
+
+def dequantized_model(proto: onnx.ModelProto, loaded: LoadedModel) -> LoadedModel:
+    """A copy of ``loaded`` whose Linear weights are the 4-bit graph's dequantised ones: the PyTorch
+    reference that the 4-bit graph must match exactly (quantisation loss is measured separately)."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    modules = dict(model.named_modules())
+    initializers = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        name = node.name[1:].rsplit("/", 1)[0].replace("/", ".").removeprefix("model.")
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise QuantizationError(f"4-bit node {node.name} matches no Linear of the model; re-export it")
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(dequantize_node(node, initializers)))
+    return LoadedModel(model, loaded.tokenizer, f"{loaded.source} (dequantised 4-bit)", None)
