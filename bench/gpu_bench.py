@@ -139,7 +139,8 @@ def parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(args) -> dict:
+def run(args, out: Path) -> dict:
+    """Measure every (mode, variant); ``out`` is rewritten after each row, so a run cut short keeps its rows."""
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run on a GPU machine, or use --tiny for the CPU check")
@@ -150,16 +151,7 @@ def run(args) -> dict:
     modes = [m for m in ("sdpa", "eager", "compile") if m not in args.skip]
     adapter = load_adapter()
     started = time.perf_counter()
-    rows: list[dict] = []
-    for variant in variants(shape["num_hidden_layers"]):
-        for mode in modes:
-            if mode == "compile" and time.perf_counter() - started > args.compile_deadline_s:
-                rows.append({"variant": variant.name, "mode": mode, "skipped": "time budget"})
-                continue
-            rows.append(measure(shape, variant, mode, sides, device, dtype, adapter, args))
-            print(format_row(rows[-1]), file=sys.stderr, flush=True)
-    add_speedups(rows)
-    return {
+    result = {
         "shape": "tiny" if args.tiny else "mistral-7b",
         "config": shape,
         "sides": [asdict(s) for s in sides],
@@ -169,10 +161,25 @@ def run(args) -> dict:
         "transformers": importlib.import_module("transformers").__version__,
         "compile_backend": args.compile_backend,
         "paper_speedup_effir": PAPER_SPEEDUP,
-        "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
+        "rows": [],
+        "complete": False,
         "command": "python3 bench/gpu_bench.py " + " ".join(sys.argv[1:]),
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for mode in modes:  # mode-major: the compiled runs, the slowest to start, come last
+        for variant in variants(shape["num_hidden_layers"]):
+            if mode == "compile" and time.perf_counter() - started > args.compile_deadline_s:
+                row = {"variant": variant.name, "mode": mode, "skipped": "time budget"}
+            else:
+                row = measure(shape, variant, mode, sides, device, dtype, adapter, args)
+            result["rows"].append(row)
+            add_speedups(result["rows"])
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(format_row(row), file=sys.stderr, flush=True)
+    result["complete"] = True
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def measure(shape: dict, variant: Variant, mode: str, sides: list[Side], device, dtype, adapter, args) -> dict:
@@ -253,10 +260,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
     out = args.out or REPO / "bench" / "results" / ("gpu_bench_tiny.json" if args.tiny else "gpu_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args, out)
     print(table(result))
     print(f"wrote {out}")
     return 0

@@ -14,6 +14,8 @@ from pydantic import Field, ValidationError
 from .compress.depth import DepthConfig
 from .errors import RecipeError
 from .export.onnx import OnnxExportConfig
+from .export.gptq import GptqConfig
+from .export.tensorrt import TensorRTConfig
 from .models.embedding import EmbeddingOverride
 from .schema import StrictModel
 from .serve.triton import TritonConfig
@@ -48,6 +50,8 @@ class Recipe(StrictModel):
     validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
     triton: TritonConfig | None = None
     onnx: OnnxExportConfig | None = None
+    gptq: GptqConfig | None = None
+    tensorrt: TensorRTConfig | None = None
 
     _base_dir: Path = Path(".")
 

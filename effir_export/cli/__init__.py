@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "effir_export.cli.compress",
     "effir_export.cli.validate",
     "effir_export.cli.export",
+    "effir_export.cli.export_gpu",
     "effir_export.cli.triton",
 ]
 

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..compress.calibration import read_calibration_texts
 from ..errors import EffirError
@@ -32,8 +32,6 @@ from ..models.format import WEIGHTS_NAME, EffirModel, atomic_directory
 from ..models.sources import LoadedModel, load_model
 from ..schema import StrictModel
 from .gptq_worker import STRUCTURE_KEY
-
-log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GPTQ_PYTHON = REPO_ROOT / ".venv-gptq" / "bin" / "python"
@@ -147,15 +145,18 @@ def resolve_runner(python: str | None):
 
 
 def _run_worker(interpreter: Path, request: Path) -> None:
+    """Run the worker with this checkout importable; its (GPTQModel's per-layer) progress goes to stderr."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([str(interpreter), "-m", "effir_export.export.gptq_worker", str(request)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: deque[str] = deque(maxlen=15)
+    with subprocess.Popen([str(interpreter), "-m", "effir_export.export.gptq_worker", str(request)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            sys.stderr.write(line)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise GptqError(f"GPTQModel failed (exit {proc.returncode}) in {interpreter}:\n{tail}")
-    log.debug(proc.stdout)
+        raise GptqError(f"GPTQModel failed (exit {proc.returncode}) in {interpreter}: " + " | ".join(tail))
 
 
 def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, config: GptqConfig,
