@@ -196,3 +196,18 @@ def test_smollm2_fp16_graph_passes_the_numeric_check_on_cpu(smollm2, tmp_path):
     check = json.loads((folder / "export_check.json").read_text())
     assert check["numeric_skipped"] is None and check["min_cosine"] >= 0.999
     assert (folder / "model.onnx").stat().st_size < 0.55 * 539e6  # 16-bit weights (the norms' few stay fp32)
+
+
+def test_weights_beyond_the_protobuf_limit_go_to_external_data(tmp_path, monkeypatch):
+    from effir_export.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)  # the tiny model stands in for a > 2 GB one
+    loaded = tiny_loaded("llama")
+    folder = export_onnx(loaded, OnnxExportConfig(), tmp_path / "onnx")
+    assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    linear_bytes = 4 * sum(m.weight.numel() for layer in loaded.model.layers for m in layer.modules()
+                           if isinstance(m, torch.nn.Linear))
+    assert (folder / "model.onnx.data").stat().st_size >= linear_bytes
+    assert json.loads((folder / "effir_onnx.json").read_text())["external_data"] is True
+    assert json.loads((folder / "export_check.json").read_text())["min_cosine"] >= 0.99999
+    assert not [p for p in folder.iterdir() if p.is_dir()]  # the exporter's scratch folder is gone

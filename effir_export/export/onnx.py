@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,8 +112,9 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
                           "drop --precision or --weights int4")
     with atomic_directory(out_dir) as tmp:
         graph = tmp / GRAPH_NAME
-        trace_to_onnx(loaded.model, graph, config)
-        proto = onnx.load(str(graph))
+        with tempfile.TemporaryDirectory(dir=tmp) as scratch:  # the exporter's own files (per-tensor data if huge)
+            trace_to_onnx(loaded.model, Path(scratch) / GRAPH_NAME, config)
+            proto = onnx.load(str(Path(scratch) / GRAPH_NAME))
         structure = {"matmuls": check_structure(proto, loaded.model)}
         if config.precision != "fp32":
             from .precision import check_precision_structure, convert_precision
@@ -182,8 +184,6 @@ def save_graph(proto: onnx.ModelProto, path: Path) -> None:
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_NAME, size_threshold=1024)
-    for stray in path.parent.glob("onnx__*"):  # per-tensor files the exporter may have written for huge models
-        stray.unlink()
 
 
 # --- structure -------------------------------------------------------------------------------------
