@@ -130,3 +130,23 @@ def test_reloaded_model_keeps_structure_and_embeddings(exported):
     quantised = Encoder(model, loaded.tokenizer).encode(TEXTS)
     cosine = (reference * quantised).sum(1)
     assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.slow
+def test_asymmetric_act_order_checkpoint_loads(tmp_path):
+    from effir_export.errors import StructureError
+    from effir_export.export.gptq import GptqConfig, export_gptq
+
+    loaded = rewritten()
+    (tmp_path / "calib.txt").write_text("\n".join(CALIBRATION))
+    export_gptq(loaded, tmp_path / "calib.txt", tmp_path / "gptq",
+                GptqConfig(group_size=GROUP, samples=64, sym=False, desc_act=True))
+    model = load_gptq_model(tmp_path / "gptq")
+    weights = gptq_weights(model)
+    assert any(len(w.zeros.unique()) > 1 for w in weights.values())  # one zero point per group
+    act_ordered = [w for w in weights.values() if not torch.equal(w.g_idx, torch.arange(w.g_idx.numel()) // GROUP)]
+    assert act_ordered
+    with pytest.raises(StructureError, match="desc_act"):
+        act_ordered[0].as_quantized_weight()
+    reference = Encoder(loaded.model, loaded.tokenizer).encode(TEXTS)
+    assert ((reference * Encoder(model, loaded.tokenizer).encode(TEXTS)).sum(1)).min() > 0.99
