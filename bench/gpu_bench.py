@@ -19,6 +19,7 @@ CPU with a toy shape in seconds (the test suite runs it so this script cannot ro
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import platform
@@ -196,9 +197,10 @@ def measure(shape: dict, variant: Variant, mode: str, sides: list[Side], device,
         row["throughput"][side.name] = time_side(encode, side, shape["vocab_size"], device, args.warmup, args.iters)
     row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del model, encode
+    torch._dynamo.reset()  # compiled graphs hold the model until reset
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch._dynamo.reset()
     return row
 
 
