@@ -132,6 +132,29 @@ def test_reloaded_model_keeps_structure_and_embeddings(exported):
     assert cosine.min() > 0.99, cosine
 
 
+def test_checkpoint_feeds_a_matmulnbits_onnx_graph(exported, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from effir_export.export.gptq_onnx import gptq_to_matmulnbits
+    from effir_export.export.onnx import OnnxExportConfig, export_onnx
+
+    loaded, folder = exported
+    export_onnx(loaded, OnnxExportConfig(), tmp_path / "fp32")
+    proto = gptq_to_matmulnbits(onnx.load(str(tmp_path / "fp32" / "model.onnx")), loaded, folder)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == len(gptq_weights(load_gptq_model(folder))) and "MatMul" in ops  # attention
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids, mask = pad_batch(tokenize_texts(loaded.tokenizer, TEXTS, loaded.embedding, "document"),
+                          loaded.tokenizer.pad_token_id)
+    onnx_emb = session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+    torch_emb = Encoder(load_gptq_model(folder), loaded.tokenizer).encode(TEXTS, kind="document")
+    fp32_emb = Encoder(loaded.model, loaded.tokenizer).encode(TEXTS, kind="document")
+    same_weights = (onnx_emb * torch_emb).sum(1)
+    assert same_weights.min() > 0.9999, same_weights  # only the bf16 embedding table differs
+    assert (onnx_emb * fp32_emb).sum(1).min() < same_weights.min()
+
+
 @pytest.mark.slow
 def test_asymmetric_act_order_checkpoint_loads(tmp_path):
     from effir_export.errors import StructureError
