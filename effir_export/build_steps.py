@@ -7,9 +7,17 @@ from pathlib import Path
 
 from .compress.pipeline import STAGES as COMPRESSION_STAGES
 from .compress.pipeline import run_stage
+from .errors import EffirError
 from .models.format import write_model_files
 from .models.sources import load_model
 from .pipeline import BuildState, BuildStep
+from .recipe import Recipe
+
+
+def _load_current(state: BuildState):
+    loaded = load_model(state.model)
+    loaded.model.config.embedding = state.recipe.embedding.apply(loaded.embedding).model_dump()
+    return loaded
 
 
 def _model_step(name: str) -> BuildStep:
@@ -17,9 +25,7 @@ def _model_step(name: str) -> BuildStep:
     section = COMPRESSION_STAGES[name].section
 
     def run(state: BuildState, folder: Path) -> dict:
-        loaded = load_model(state.model)
-        loaded.model.config.embedding = state.recipe.embedding.apply(loaded.embedding).model_dump()
-        result = run_stage(name, loaded, state.recipe, folder / "stages" / name)
+        result = run_stage(name, _load_current(state), state.recipe, folder / "stages" / name)
         provenance = dict(result.loaded.model.config.provenance)
         provenance["stages"] = [*provenance.get("stages", []), name]
         result.loaded.model.config.provenance = provenance
@@ -34,6 +40,125 @@ def _model_step(name: str) -> BuildStep:
     return BuildStep(name=name, settings=lambda recipe: getattr(recipe, section, None), run=run, publish=publish)
 
 
+def _onnx_run(state: BuildState, folder: Path) -> dict:
+    from .export.onnx import export_onnx
+
+    config = state.recipe.onnx.model_copy(update={"int4": None})
+    export_onnx(_load_current(state), config, folder)
+    return json.loads((folder / "export_check.json").read_text())
+
+
+def _int4_run(state: BuildState, folder: Path) -> dict:
+    from .export.onnx import export_onnx
+
+    config = state.recipe.onnx.model_copy(update={"precision": "fp32"})
+    export_onnx(_load_current(state), config, folder, state.recipe.resolve_path(config.int4.calibration))
+    return json.loads((folder / "export_check.json").read_text())
+
+
+def _gptq_run(state: BuildState, folder: Path) -> dict:
+    from .export.gptq import export_gptq
+
+    config = state.recipe.gptq
+    calibration = state.recipe.resolve_path(config.calibration or state.recipe.depth.score.calibration)
+    return export_gptq(_load_current(state), calibration, folder, config)
+
+
+def _gptq_skip(recipe: Recipe) -> str | None:
+    from .export.gptq import gptq_available
+
+    return None if gptq_available() else "GPTQModel is not installed (run ./install.sh gptq)"
+
+
+def _tensorrt_run(state: BuildState, folder: Path) -> dict:
+    from .export.onnx import export_onnx
+    from .export.tensorrt import build_engines
+
+    loaded = _load_current(state)
+    typed = state.recipe.onnx.model_copy(update={"precision": "fp16", "int4": None})
+    export_onnx(loaded, typed, folder / "onnx-fp16")
+    plans = build_engines(folder / "onnx-fp16" / "model.onnx", folder / "engines", state.recipe.tensorrt,
+                          loaded.embedding.max_length)
+    return {"engines": [p.name for p in plans]}
+
+
+def _tensorrt_skip(recipe: Recipe) -> str | None:
+    from .export.tensorrt import import_tensorrt
+
+    if recipe.onnx is None:
+        return "TensorRT builds from the typed ONNX graph; add an 'onnx:' section"
+    try:
+        import_tensorrt()
+    except EffirError as exc:
+        return f"needs an NVIDIA GPU with TensorRT ({exc})"
+    import torch
+
+    return None if torch.cuda.is_available() else "needs an NVIDIA GPU (none visible)"
+
+
+BACKEND_ARTIFACTS = {"onnx": "onnx", "onnx-int4": "onnx", "gptq": "gptq"}  # artifact -> backend kind
+
+
+def _validate_run(state: BuildState, folder: Path) -> dict:
+    from .validation.run import run_validation
+
+    backends = [f"compressed=torch:{state.model}", f"compressed-bf16=torch-bf16:{state.model}"]
+    backends += [f"{name}={kind}:{state.artifacts[name]}" for name, kind in BACKEND_ARTIFACTS.items()
+                 if name in state.artifacts]
+    config = state.recipe.validation.model_copy(update={
+        "reference": f"reference=torch:{state.reference}", "backends": backends, "out": str(folder)})
+    report = run_validation(config, base_dir=state.recipe.resolve_path("."), embedding=state.recipe.embedding)
+    return {"gates_passed": report.passed, "backends": build_rows(report),
+            "failed_gates": [g.model_dump() for g in report.gates if not g.passed]}
+
+
+def build_rows(report) -> list[dict]:
+    """One summary row per backend (the reference first) from a validation report."""
+    medians = {}
+    for regime in (report.latency.regimes if report.latency else []):
+        for timing in regime.timings:
+            medians[(timing.backend, regime.regime)] = timing.median_ms
+    rows = []
+    for result in [report.reference, *report.backends]:
+        rows.append({"name": result.name, "parameters": result.parameters,
+                     "size_mb": result.disk_bytes / 1e6 if result.disk_bytes else None,
+                     "ndcg@10": result.retrieval.get("ndcg_at_10"),
+                     "min_cosine": result.fidelity.min if result.fidelity else None,
+                     "query_ms": medians.get((result.name, "query")),
+                     "document_ms": medians.get((result.name, "document"))})
+    return rows
+
+
+def _triton_run(state: BuildState, folder: Path) -> dict:
+    from .serve.triton import write_triton_repository
+
+    report = state.artifacts.get("validation")
+    engines = state.artifacts.get("tensorrt")
+    write_triton_repository(state.artifacts["onnx"], state.recipe.triton, folder / "repository",
+                            engines=engines / "engines" if engines and state.recipe.triton.flavour == "gpu" else None,
+                            recipe=state.recipe.source_file, report=report / "report.json" if report else None)
+    return json.loads((folder / "repository" / "repository.json").read_text())
+
+
+def _triton_skip(recipe: Recipe) -> str | None:
+    return None if recipe.onnx is not None else "the Triton repository serves the ONNX export; add an 'onnx:' section"
+
+
+def _artifact_step(name: str, settings, run, skip=lambda recipe: None) -> BuildStep:
+    def publish(state: BuildState, folder: Path) -> None:
+        state.artifacts[name] = folder
+
+    return BuildStep(name=name, settings=settings, run=run, publish=publish, skip_reason=skip)
+
+
 def default_steps() -> list[BuildStep]:
     """Every stage a recipe can configure, in execution order."""
-    return [_model_step(name) for name in COMPRESSION_STAGES]
+    return [
+        *[_model_step(name) for name in COMPRESSION_STAGES],
+        _artifact_step("onnx", lambda r: r.onnx, _onnx_run),
+        _artifact_step("onnx-int4", lambda r: r.onnx.int4 if r.onnx else None, _int4_run),
+        _artifact_step("gptq", lambda r: r.gptq, _gptq_run, _gptq_skip),
+        _artifact_step("tensorrt", lambda r: r.tensorrt, _tensorrt_run, _tensorrt_skip),
+        _artifact_step("validation", lambda r: r.validation, _validate_run),
+        _artifact_step("triton", lambda r: r.triton, _triton_run, _triton_skip),
+    ]

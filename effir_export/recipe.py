@@ -47,13 +47,19 @@ class Recipe(StrictModel):
     model: ModelConfig
     embedding: EmbeddingOverride = EmbeddingOverride()
     depth: DepthConfig | None = None
-    validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
-    triton: TritonConfig | None = None
     onnx: OnnxExportConfig | None = None
     gptq: GptqConfig | None = None
     tensorrt: TensorRTConfig | None = None
+    validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
+    triton: TritonConfig | None = None
 
     _base_dir: Path = Path(".")
+    _source_file: Path | None = None
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML file this recipe was read from."""
+        return self._source_file
 
     def resolve_path(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's folder."""
@@ -79,6 +85,10 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
     except ValidationError as exc:
         raise RecipeError(f"{path}: {describe_validation_error(exc)}") from None
     recipe._base_dir = path.resolve().parent
+    recipe._source_file = path.resolve()
+    local_model = recipe.resolve_path(recipe.model.source)
+    if local_model.exists():  # a model path written relative to the recipe
+        recipe.model.source = str(local_model)
     return recipe
 
 

@@ -14,9 +14,10 @@ import click
 COMMAND_MODULES = [
     "effir_export.cli.info",
     "effir_export.cli.compress",
-    "effir_export.cli.validate",
+    "effir_export.cli.build",
     "effir_export.cli.export",
     "effir_export.cli.export_gpu",
+    "effir_export.cli.validate",
     "effir_export.cli.triton",
 ]
 
