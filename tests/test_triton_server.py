@@ -3,6 +3,11 @@ repository of the real MiniLM export: raw text in over HTTP and gRPC, ONNX Runti
 concurrent requests merged by the dynamic batcher, malformed requests refused cleanly."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -139,3 +144,29 @@ def test_bundled_server_parses_gpu_flavour_configs_and_lacks_only_their_backends
     assert "unable to find backend library for backend 'tensorrt'" in message
     assert "effir_tokenizer" not in message  # the python-backend tokenizer of the GPU flavour loaded
     assert server.process is None  # stopped and cleaned up after the failed start
+
+
+def test_serve_command_serves_until_terminated(server, tmp_path):
+    """`effir-export serve REPO` prints its endpoints once ready, serves, and on SIGTERM stops the server."""
+    repo = server.repository
+    process = subprocess.Popen([sys.executable, "-m", "effir_export", "serve", str(repo)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and not line.startswith("ready:"):
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "serve exited before becoming ready"
+        http_url = line.split()[2]
+        client = httpclient.InferenceServerClient(http_url)
+        assert client.is_model_ready("effir")
+        served = client.infer("effir", text_inputs(httpclient, ["a"], ["query"])).as_numpy("embedding")
+        assert served.shape == (1, 384)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        with pytest.raises(Exception):  # the server went with it
+            httpclient.InferenceServerClient(http_url).is_server_live()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
