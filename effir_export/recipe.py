@@ -12,6 +12,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from .compress.depth import DepthConfig
+from .compress.finetune import FinetuneConfig
+from .compress.width import WidthConfig
 from .errors import RecipeError
 from .export.onnx import OnnxExportConfig
 from .export.gptq import GptqConfig
@@ -46,7 +48,10 @@ class Recipe(StrictModel):
     description: str = ""
     model: ModelConfig
     embedding: EmbeddingOverride = EmbeddingOverride()
+    finetune: FinetuneConfig | None = None
     depth: DepthConfig | None = None
+    width: WidthConfig | None = None
+    recovery: FinetuneConfig | None = None
     onnx: OnnxExportConfig | None = None
     gptq: GptqConfig | None = None
     tensorrt: TensorRTConfig | None = None

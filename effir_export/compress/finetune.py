@@ -1,0 +1,76 @@
+"""The fine-tune stage: contrastive training of the whole model (LoRA merged afterwards). It makes the
+reference retriever before compression (``finetune:``) and recovers quality after it (``recovery:``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..models.encoder import Encoder
+from ..models.sources import LoadedModel
+from ..validation.fidelity import cosines
+from . import StageOutput
+from .pairs import TrainingPair, read_pairs
+from .train import ContrastiveTrainer, TrainConfig
+
+
+class FinetuneConfig(TrainConfig):
+    """Contrastive fine-tuning (the ``finetune:`` and ``recovery:`` sections); keys as in ``TrainConfig``.
+
+    ```yaml
+    finetune:
+      data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl
+      steps: 30
+      batch_size: 8
+      max_length: 64
+      temperature: 0.02
+      learning_rate: 2.0e-4
+      lora: {rank: 16, alpha: 32, modules: all}
+      precision: bf16
+    ```
+    """
+
+
+def load_stage_pairs(config: TrainConfig, recipe) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """The training pairs named by ``config.data`` (relative to the recipe) and the probe pairs."""
+    pairs = read_pairs(recipe.resolve_path(config.data), config.split, config.max_pairs)
+    return pairs, pairs[len(pairs) - min(config.probe, len(pairs)):] if config.probe else []
+
+
+def checkpoint_dir(config: TrainConfig, recipe, work_dir: Path) -> Path:
+    """``config.checkpoint_dir`` (relative to the recipe) or the stage's own work folder."""
+    return recipe.resolve_path(config.checkpoint_dir) if config.checkpoint_dir else Path(work_dir) / "checkpoints"
+
+
+class EmbeddingProbe:
+    """Embeddings of a few queries and passages from the model entering a stage, to compare with later."""
+
+    def __init__(self, loaded: LoadedModel, pairs: list[TrainingPair]):
+        self.queries = [p.query for p in pairs]
+        self.documents = [p.positive for p in pairs]
+        self.reference = self._embed(loaded)
+
+    def _embed(self, loaded: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+        encoder = Encoder(loaded.model, loaded.tokenizer, device=str(next(loaded.model.parameters()).device))
+        return encoder.encode(self.queries, kind="query"), encoder.encode(self.documents, kind="document")
+
+    def compare(self, loaded: LoadedModel) -> dict | None:
+        """Mean and min cosine of the texts' embeddings now vs. when the probe was made."""
+        if not self.queries:
+            return None
+        now = np.concatenate(self._embed(loaded))
+        cosine = cosines(now, np.concatenate(self.reference))
+        return {"texts": len(cosine), "mean": round(float(cosine.mean()), 5), "min": round(float(cosine.min()), 5)}
+
+
+def run_finetune_stage(loaded: LoadedModel, config: FinetuneConfig, recipe, work_dir: Path,
+                       progress: bool = True) -> StageOutput:
+    """Train ``loaded`` contrastively (in place) and return it with LoRA merged."""
+    pairs, probe = load_stage_pairs(config, recipe)
+    reference = EmbeddingProbe(loaded, probe)
+    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, pairs,
+                                 checkpoint_dir(config, recipe, work_dir))
+    result = trainer.train(progress=progress)
+    loaded.model = trainer.finish()
+    return StageOutput(loaded=loaded, report={"training": result.summary(), "pairs": len(pairs),
+                                              "probe_cosine": reference.compare(loaded)})

@@ -1,0 +1,363 @@
+"""Contrastive (InfoNCE) training of an :class:`EffirModel`: the reference fine-tune, the gate stage
+and recovery all run through :class:`ContrastiveTrainer`.
+
+Each query is scored against every positive in its micro-batch (in-batch negatives) and the hard
+negatives, with the model's own prompts and pooling; a positive that belongs to the same query (or
+repeats the query's positive) is masked out rather than counted as a negative. LoRA (``peft``) wraps
+the attention and MLP projections the adapter exposes and is merged before the model leaves the
+trainer. Batches are a pure function of (seed, step) and checkpoints hold the trainable tensors, the
+optimizer state and the RNG state (safetensors + JSON, no pickle), so a resumed run ends with the
+same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import EffirError
+from ..models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
+from ..models.encoder import select_device
+from ..models.format import EffirModel, atomic_directory
+from ..schema import StrictModel
+from .pairs import TrainingPair
+
+
+class CheckpointError(EffirError):
+    """A training checkpoint cannot be used to resume this run."""
+
+
+class LoraSettings(StrictModel):
+    """Low-rank adapters on the layers' projections (merged into the weights before saving).
+
+    ```yaml
+    lora: {rank: 16, alpha: 32, dropout: 0.0, modules: all}   # modules: all | attention | mlp
+    ```
+    """
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    modules: Literal["all", "attention", "mlp"] = "all"
+
+
+class TrainConfig(StrictModel):
+    """Contrastive training: data, InfoNCE, optimisation, precision, checkpoints.
+
+    ```yaml
+    data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s) or a BEIR folder
+    split: train               # qrels split when data is a BEIR folder
+    max_pairs: null            # use only the first N pairs
+    steps: 30                  # optimizer steps
+    batch_size: 8              # queries per micro-batch (in-batch negatives come from it)
+    accumulation: 1            # micro-batches per optimizer step
+    hard_negatives: 1          # negatives per query from the data (0 = in-batch only)
+    temperature: 0.02
+    learning_rate: 1.0e-4
+    weight_decay: 0.0
+    warmup_steps: 0            # linear warm-up, then linear decay to 0
+    max_grad_norm: 1.0
+    max_length: 64             # training sequence length (the model's embedding max_length if null)
+    lora: {rank: 16, alpha: 32, dropout: 0.0, modules: all}   # null = full fine-tuning
+    gradient_checkpointing: false
+    precision: bf16            # fp32 | bf16 (autocast)
+    seed: 0
+    device: auto               # auto | cpu | cuda | cuda:1 ...
+    checkpoint_every: 0        # optimizer steps between checkpoints (0 = none)
+    checkpoint_dir: null       # where checkpoints persist (default: the stage's work folder)
+    resume: true               # continue from a matching checkpoint in checkpoint_dir
+    probe: 32                  # pairs (from the end of the data) whose embeddings are compared before/after
+    ```
+    """
+
+    data: str
+    split: str = "train"
+    max_pairs: int | None = Field(None, ge=1)
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accumulation: int = Field(1, ge=1)
+    hard_negatives: int = Field(1, ge=0)
+    temperature: float = Field(0.02, gt=0.0)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    max_length: int | None = Field(None, ge=2)
+    lora: LoraSettings | None = LoraSettings()
+    gradient_checkpointing: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    probe: int = Field(32, ge=0)
+
+    def identity(self) -> dict:
+        """The settings that change the result (checkpoint bookkeeping excluded)."""
+        return self.model_dump(exclude={"checkpoint_every", "checkpoint_dir", "resume", "device"})
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: the loss after every optimizer step and where it started."""
+
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        head = self.losses[: max(1, len(self.losses) // 5)]
+        tail = self.losses[-max(1, len(self.losses) // 5):]
+        return {"steps": len(self.losses), "resumed_from": self.resumed_from,
+                "loss_first": round(sum(head) / len(head), 5) if head else None,
+                "loss_last": round(sum(tail) / len(tail), 5) if tail else None,
+                "seconds": round(self.seconds, 2)}
+
+
+class TrainingExtension(nn.Module):
+    """Extra trainable state beside the model (the width gates): its own optimizer groups, work
+    before each micro-batch, and a term added to the loss with metrics for the progress bar."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups (``params``, ``lr``; ``scheduled: False`` keeps the learning rate constant)."""
+        return []
+
+    def before_batch(self, step: int) -> None:
+        """Called before every micro-batch (e.g. to draw gate noise)."""
+
+    def penalty(self, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        return None, {}
+
+
+def info_nce(queries: torch.Tensor, documents: torch.Tensor, temperature: float,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE: query i's positive is document i; every other document (other positives in the batch,
+    hard negatives) is a negative unless ``mask[i, j]`` is True."""
+    logits = queries.float() @ documents.float().T / temperature
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    return nn.functional.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+
+
+def false_negative_mask(batch: list[TrainingPair], documents: list[str]) -> torch.Tensor:
+    """True where document j is not query i's positive but is relevant to it (same query, or the same text)."""
+    mask = torch.zeros(len(batch), len(documents), dtype=torch.bool)
+    for i, pair in enumerate(batch):
+        for j, text in enumerate(documents):
+            if j != i and (text == pair.positive or (j < len(batch) and batch[j].query == pair.query)):
+                mask[i, j] = True
+    return mask
+
+
+def lora_target_names(model: EffirModel, modules: str) -> list[str]:
+    """Full names of the linear maps inside the layers, split into MLP and attention by the adapter."""
+    adapter = model.adapter
+    names = []
+    for index, layer in enumerate(model.layers):
+        mlp_ids = {id(m) for part in adapter.mlp_modules(layer) for m in part.modules()}
+        prefix = f"backbone.{_child_path(model.backbone, layer)}"
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                in_mlp = id(module) in mlp_ids
+                if modules == "all" or (modules == "mlp") == in_mlp:
+                    names.append(f"{prefix}.{name}")
+    if not names:
+        raise EffirError(f"no {modules} projections left to put LoRA on; use lora.modules: all or full fine-tuning")
+    return names
+
+
+def _child_path(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is target)
+
+
+class ContrastiveTrainer:
+    """Train ``model`` (in place) on ``pairs``; :meth:`finish` merges LoRA and returns the plain model."""
+
+    def __init__(self, model: EffirModel, tokenizer, settings: EmbeddingConfig, config: TrainConfig,
+                 pairs: list[TrainingPair], checkpoint_dir: Path):
+        if len(pairs) < 2:
+            raise EffirError(f"contrastive training needs at least 2 pairs (got {len(pairs)}); add training data")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.settings = settings.model_copy(update={"max_length": config.max_length or settings.max_length})
+        self.pairs = pairs
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = select_device(config.device)
+        torch.manual_seed(config.seed)
+        self.model = model.to(self.device)
+        self.peft = None
+        if config.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = config.lora
+            targets = lora_target_names(model, lora.modules)
+            self.peft = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=targets, bias="none"))
+        if config.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- data --------------------------------------------------------------------------------------
+    def batch(self, micro_step: int) -> list[TrainingPair]:
+        """The pairs of micro-batch ``micro_step``: a seeded permutation per epoch, read in order."""
+        size, count = self.config.batch_size, len(self.pairs)
+        rows = []
+        for position in range(micro_step * size, (micro_step + 1) * size):
+            epoch, offset = divmod(position, count)
+            rows.append(int(self._permutation(epoch)[offset]))
+        return [self.pairs[r] for r in rows]
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.pairs), generator=generator))
+        return self._perm_cache[1]
+
+    def _encode(self, texts: list[str], kind: str) -> torch.Tensor:
+        ids, mask = pad_batch(tokenize_texts(self.tokenizer, texts, self.settings, kind), self.tokenizer.pad_token_id)
+        ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+        return self.model.embed(ids, mask)
+
+    def micro_batch_loss(self, batch: list[TrainingPair]) -> torch.Tensor:
+        """InfoNCE of one micro-batch (positives first, then each pair's hard negatives)."""
+        documents = [p.positive for p in batch]
+        documents += [n for p in batch for n in p.negatives[: self.config.hard_negatives]]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            queries = self._encode([p.query for p in batch], "query")
+            docs = self._encode(documents, "document")
+        return info_nce(queries, docs, self.config.temperature, false_negative_mask(batch, documents).to(self.device))
+
+    # --- training ------------------------------------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def train(self, extension: TrainingExtension | None = None, progress: bool = True,
+              on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Run (or resume) ``config.steps`` optimizer steps; ``on_step(step)`` runs after each one."""
+        config = self.config
+        extension = (extension or TrainingExtension()).to(self.device)
+        groups = [{"params": list(self.trainable().values()), "lr": config.learning_rate,
+                   "weight_decay": config.weight_decay, "base_lr": config.learning_rate, "scheduled": True}]
+        groups += [{"weight_decay": 0.0, "scheduled": True, **g, "base_lr": g["lr"]} for g in extension.param_groups()]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+        result = TrainResult()
+        key = self._checkpoint_key(extension)
+        start = self._load_checkpoint(key, extension, optimizer, result) if config.resume else 0
+        result.resumed_from = start
+        self.model.train()
+        extension.train()
+        began = time.perf_counter()
+        bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training", unit="step",
+                   disable=not progress)
+        for step in bar:
+            self._set_learning_rates(optimizer, step)
+            optimizer.zero_grad(set_to_none=True)
+            total, metrics = 0.0, {}
+            for micro in range(config.accumulation):
+                extension.before_batch(step)
+                loss = self.micro_batch_loss(self.batch(step * config.accumulation + micro))
+                penalty, metrics = extension.penalty(step)
+                objective = loss if penalty is None else loss + penalty
+                (objective / config.accumulation).backward()
+                total += float(loss.detach()) / config.accumulation
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(groups[0]["params"], config.max_grad_norm)
+            optimizer.step()
+            result.losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                self._save_checkpoint(step + 1, key, extension, optimizer, result)
+            if on_step is not None:
+                on_step(step + 1)
+        self.model.eval()
+        extension.eval()
+        result.seconds = time.perf_counter() - began
+        return result
+
+    def finish(self) -> EffirModel:
+        """Merge LoRA into the weights, turn gradient checkpointing off and return the plain model."""
+        model = self.peft.merge_and_unload() if self.peft is not None else self.model
+        if self.config.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_disable()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model.eval()
+
+    def _set_learning_rates(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        warmup, total = self.config.warmup_steps, self.config.steps
+        factor = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * (factor if group["scheduled"] else 1.0)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def _checkpoint_key(self, extension: nn.Module) -> str:
+        facts = {"config": self.config.identity(), "layers": self.model.config.layers, "pairs": len(self.pairs),
+                 "extension": {k: list(v.shape) for k, v in extension.state_dict().items()},
+                 "trainable": {k: list(v.shape) for k, v in self.trainable().items()}}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _save_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.trainable().items()}
+        tensors.update({f"extension.{k}": v.detach().cpu().contiguous() for k, v in extension.state_dict().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        optimizer_state = _flatten(optimizer.state_dict(), "optimizer", tensors)
+        meta = {"key": key, "step": step, "losses": result.losses, "optimizer": optimizer_state}
+        with atomic_directory(self.checkpoint_dir / "latest") as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta))
+
+    def _load_checkpoint(self, key: str, extension: nn.Module, optimizer, result: TrainResult) -> int:
+        folder = self.checkpoint_dir / "latest"
+        if not (folder / "state.json").is_file():
+            return 0
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["key"] != key:
+            raise CheckpointError(f"checkpoint {folder} was made by a different run (config, data or model differ); "
+                                  f"delete it or set resume: false")
+        tensors = load_file(str(folder / "state.safetensors"))
+        with torch.no_grad():
+            for name, parameter in self.trainable().items():
+                parameter.copy_(tensors[f"model.{name}"])
+        extension.load_state_dict({k[len("extension."):]: v for k, v in tensors.items() if k.startswith("extension.")})
+        optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        result.losses = list(meta["losses"])
+        return int(meta["step"])
+
+
+def _flatten(value, path: str, tensors: dict[str, torch.Tensor]):
+    """JSON-able form of a nested state dict; tensors go to ``tensors`` under their path."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"tensor": path}
+    if isinstance(value, dict):
+        return {"items": [[k, _flatten(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_flatten(v, f"{path}.{i}", tensors) for i, v in enumerate(value)],
+                "tuple": isinstance(value, tuple)}
+    return {"value": value}
+
+
+def _unflatten(node: dict, tensors: dict[str, torch.Tensor]):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "items" in node:
+        return {k: _unflatten(v, tensors) for k, v in node["items"]}
+    if "list" in node:
+        items = [_unflatten(v, tensors) for v in node["list"]]
+        return tuple(items) if node["tuple"] else items
+    return node["value"]
