@@ -75,7 +75,7 @@ def test_cpu_repository_layout_and_configs(tiny_export, extras, tmp_path):
     for model in cfg:
         assert (repo / model / "1" / "recipe.yaml").read_text() == recipe.read_text()
         assert json.loads((repo / model / "1" / "validation.json").read_text()) == {"passed": True}
-    summary = json.loads((repo / "effir_triton.json").read_text())
+    summary = json.loads((repo / "repository.json").read_text())
     assert summary["flavour"] == "cpu" and summary["embedding_dim"] == 32 and summary["ensemble"] == "effir"
 
 

@@ -34,7 +34,7 @@ def triton(artifacts: str, out: str, engines: str | None, recipe: str | None, re
     Settings: the recipe's `triton:` section (TritonConfig) when --recipe is given, then the options.
     Writes OUT/<name>_tokenizer (python backend: text + kind -> token ids), OUT/<name>_encoder
     (token ids -> embedding) and the ensemble OUT/<name> (text -> embedding), each as
-    config.pbtxt + 1/ (model files, recipe and report), plus OUT/effir_triton.json. Atomic: on error
+    config.pbtxt + 1/ (model files, recipe and report), plus OUT/repository.json. Atomic: on error
     nothing is left at OUT.
     """
     from ..recipe import load_recipe

@@ -12,7 +12,7 @@ Layout (standard): ``<model>/config.pbtxt`` and ``<model>/<version>/...`` for
 
 Every model has ``max_batch_size``, variable sequence length (-1) and dynamic batching where it batches.
 ``config.pbtxt`` files are written from Triton's own ``ModelConfig`` protobuf (from ``tritonclient``).
-The recipe and validation report, when given, are copied beside each version; ``effir_triton.json``
+The recipe and validation report, when given, are copied beside each version; ``repository.json``
 at the top says what was written (for machines).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..models.format import atomic_directory
 from ..schema import StrictModel
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPOSITORY_META = "effir_triton.json"
+REPOSITORY_META = "repository.json"
 TOKENIZER_SETTINGS = "effir_tokenizer.json"
 EXPORT_META = "effir_onnx.json"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
