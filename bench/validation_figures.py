@@ -67,13 +67,12 @@ def smollm2(work: Path):
     half = with_recipe_embedding(str(half_dir), recipe)
     backends = ["bf16=torch-bf16:smollm2-135m", f"onnx-fp32=onnx:{export(full, work / 'smollm2-onnx', False)}",
                 f"half-mlp=torch:{half_dir}", f"half-mlp-bf16=torch-bf16:{half_dir}",
-                f"half-mlp-onnx-fp32=onnx:{export(half, work / 'smollm2-half-onnx', False)}",
                 f"half-mlp-onnx-int4=onnx:{export(half, work / 'smollm2-half-onnx-int4', True)}"]
     return recipe, ValidateConfig(
         reference="fp32=torch:smollm2-135m", backends=backends, data=str(SHARED / "dbpedia_subset"),
-        slice=SliceConfig(queries=10, documents=1000, seed=0), gates=str(REPO / "validation" / "smollm2-gates.yaml"),
+        slice=SliceConfig(queries=5, documents=500, seed=0), gates=str(REPO / "validation" / "smollm2-gates.yaml"),
         threads=THREADS,
-        latency=LatencyConfig(query_batch=8, document_batch=16, warmup=1, repeats=6), memory=MemoryConfig(batch=16))
+        latency=LatencyConfig(query_batch=8, document_batch=8, warmup=1, repeats=5), memory=MemoryConfig(batch=8))
 
 
 def main() -> None:

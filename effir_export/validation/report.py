@@ -101,6 +101,10 @@ def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e6:.1f}"
 
 
+def _memory(memory: MemoryResult | None) -> str:
+    return "-" if memory is None else f"{memory.peak_bytes / 1e6:.0f} ({memory.delta_bytes / 1e6:+.0f})"
+
+
 def markdown(report: ValidationReport) -> str:
     ds = report.dataset
     ref = report.reference.retrieval
@@ -114,7 +118,7 @@ def markdown(report: ValidationReport) -> str:
         lines.append(f"Slice: {ds['slice']}.")
     lines += ["", "## Quality, fidelity, size", "",
               "| backend | nDCG@10 | Δ points | recall@100 | MRR@10 | cos min | cos p1 | cos mean | params (M) "
-              "| disk MB | peak mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| disk MB | peak (Δ) mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.all_results():
         f = r.fidelity
         drop = 100 * (ref["ndcg_at_10"] - r.retrieval["ndcg_at_10"])
@@ -122,7 +126,7 @@ def markdown(report: ValidationReport) -> str:
             f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {drop:+.2f} | {r.retrieval['recall_at_100']:.4f} | "
             f"{r.retrieval['mrr_at_10']:.4f} | {f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
             f"{f.mean if f else 1:.5f} | {'-' if r.parameters is None else f'{r.parameters / 1e6:.1f}'} | "
-            f"{_mb(r.disk_bytes)} | {_mb(r.memory.peak_bytes if r.memory else None)} |")
+            f"{_mb(r.disk_bytes)} | {_memory(r.memory)} |")
     lines.append(f"\nThe first row is the reference (`{report.reference.spec}`); Δ points = (reference − backend) x 100.")
     if report.latency:
         lines += ["", latency_markdown(report.latency)]
@@ -174,10 +178,10 @@ def bench_markdown(report: BenchReport) -> str:
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
              f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}. Texts: `{report.dataset['path']}` "
              f"(slice {report.dataset.get('slice') or 'none'}).", "",
-             "| backend | params (M) | disk MB | peak mem MB | batch x tokens |", "|---|---|---|---|---|"]
+             "| backend | params (M) | disk MB | peak (Δ) mem MB | batch x tokens |", "|---|---|---|---|---|"]
     for e in report.backends:
         lines.append(f"| {e.name} | {'-' if e.parameters is None else f'{e.parameters / 1e6:.1f}'} | {_mb(e.disk_bytes)} "
-                     f"| {_mb(e.memory.peak_bytes if e.memory else None)} | "
+                     f"| {_memory(e.memory)} | "
                      f"{f'{e.memory.batch} x {e.memory.max_tokens}' if e.memory else '-'} |")
     return "\n".join(lines + ["", latency_markdown(report.latency), ""])
 
@@ -222,6 +226,7 @@ def plot_quality(report: ValidationReport, path: Path) -> None:
                 title="quality vs latency" if latency else "quality vs latency (latency not measured)")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.margins(0.15)  # room for the labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
