@@ -113,7 +113,7 @@ def test_gptq_embeddings_are_closer_to_fp32_than_rtn_on_a_tiny_model(tmp_path, s
         config = OnnxExportConfig(int4=Int4Config(method=method, block_size=16, symmetric=True, samples=64))
         folder = export_onnx(loaded, config, tmp_path / method, CALIBRATION)
         fidelity[method] = json.loads((folder / "export_check.json").read_text())["fidelity_to_float"]["mean_cosine"]
-    assert 1 - fidelity["gptq"] < 1 - fidelity["rtn"], fidelity
+    assert fidelity["gptq"] > fidelity["rtn"], fidelity  # measured on both graphs; GPTQ must be closer
 
 
 def test_bad_int4_settings_are_clear_errors(tmp_path):
