@@ -93,20 +93,31 @@ def encoder_stats(client) -> tuple[int, int]:
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
+def settled_encoder_stats(client, at_least: int = 0, quiet_s: float = 0.5, timeout_s: float = 10) -> tuple[int, int]:
+    """The encoder's counters once they reach `at_least` inferences and stop changing for `quiet_s`: the server
+    records statistics just after it sends a response, so an earlier request can still land after its reply."""
+    deadline = time.monotonic() + timeout_s
+    last, since = encoder_stats(client), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = encoder_stats(client)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif last[0] >= at_least and time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
 def test_concurrent_requests_are_merged_by_dynamic_batching(server, reference):
     n = 16
     client = httpclient.InferenceServerClient(server.http_url, concurrency=n, network_timeout=TIMEOUT_S)
-    inferences_before, executions_before = encoder_stats(client)
+    inferences_before, executions_before = settled_encoder_stats(client)
     texts = [DOCUMENTS[i % len(DOCUMENTS)] for i in range(n)]
     pending = [client.async_infer("effir", text_inputs(httpclient, [t], ["document"])) for t in texts]
     served = np.concatenate([p.get_result(timeout=TIMEOUT_S).as_numpy("embedding") for p in pending])
     expected = reference["document"][[i % len(DOCUMENTS) for i in range(n)]]
     assert cosines(served, expected).min() >= 0.9999
-    deadline = time.monotonic() + 10  # the server records statistics just after it sends a response
-    inferences_after, executions_after = encoder_stats(client)
-    while inferences_after - inferences_before < n and time.monotonic() < deadline:
-        time.sleep(0.1)
-        inferences_after, executions_after = encoder_stats(client)
+    inferences_after, executions_after = settled_encoder_stats(client, at_least=inferences_before + n)
     assert inferences_after - inferences_before == n
     assert executions_after - executions_before < n  # several requests ran in one ONNX Runtime call
     batch_sizes = {int(b["batch_size"]) for b in client.get_inference_statistics("effir_encoder")["model_stats"][0]["batch_stats"]}
