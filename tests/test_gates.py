@@ -83,3 +83,32 @@ def test_the_cut_removes_exactly_the_target_share(scope):
         removed = all_scores.numel() - kept_scores.numel()
         assert kept_scores.min() >= all_scores.sort().values[removed - 1]  # the lowest went
     assert all(torch.equal(k, k.sort().values) for k in keep)
+
+
+@pytest.mark.parametrize("scope", ["overall", "per_layer"])
+def test_the_cut_can_round_every_width_to_a_block_multiple(scope):
+    loaded = tiny_loaded("llama")
+    gates = MlpGates(loaded.model, make_relaxation(SparsityConfig()))
+    with torch.no_grad():
+        for z in gates.z:
+            z.copy_(torch.randn(z.shape, generator=torch.Generator().manual_seed(z.numel() + 1)))
+    sizes, block = gates.sizes, 8
+    assert all(n % block == 0 for n in sizes)
+    keep = gates.select_keep(0.3, scope, multiple_of=block)
+    widths = [len(k) for k in keep]
+    assert all(w % block == 0 and 0 < w <= n for w, n in zip(widths, sizes))
+    exact = [n - round(0.3 * n) for n in sizes] if scope == "per_layer" else [sum(sizes) - round(0.3 * sum(sizes))]
+    assert abs(sum(widths) - sum(exact)) <= block / 2 * (len(sizes) if scope == "per_layer" else 1)
+    for z, k in zip(gates.z, keep):  # each MLP keeps its highest-scored neurons
+        dropped = torch.ones(z.numel(), dtype=torch.bool)
+        dropped[k] = False
+        if dropped.any():
+            assert z.detach()[k].min() >= z.detach()[dropped].max()
+
+
+def test_rounding_keeps_at_least_one_block_and_the_total():
+    from effir_export.compress.gates import _round_counts
+
+    assert _round_counts([1, 60, 100], [64, 64, 128], 16) == [16, 48, 96]  # 161 asked: 160 is the nearest whole-block total
+    assert _round_counts([1033, 1033, 1100], [1536, 1536, 1536], 64) == [1024, 1024, 1088]
+    assert sum(_round_counts([1033, 1060, 1070], [1536] * 3, 64)) == 3136  # 3163 asked: 3136 is the nearest whole-block total

@@ -80,24 +80,29 @@ class MlpGates(nn.Module):
         return scale
 
     @torch.no_grad()
-    def select_keep(self, target: float, scope: str) -> list[torch.Tensor]:
-        """Neuron indices to keep per gated MLP so that exactly ``round(target * n)`` neurons go (per
-        layer, or overall with at least one neuron left in every MLP): closed gates first, then the lowest."""
+    def select_keep(self, target: float, scope: str, multiple_of: int = 1) -> list[torch.Tensor]:
+        """Neuron indices to keep per gated MLP so that ``round(target * n)`` neurons go (per layer, or
+        overall with at least one neuron left in every MLP): closed gates first, then the lowest.
+
+        With ``multiple_of`` > 1 every kept width is a multiple of it (what GPTQ group sizes and tensor
+        cores want): the widths are rounded by largest remainder, so the total stays as close to the
+        target as whole blocks allow, and each MLP keeps its highest-scored neurons."""
         scores = [self.relaxation.score(z) for z in self.z]
         if scope == "per_layer":
-            return [_top(score, score.numel() - round(target * score.numel())) for score in scores]
-        remove = round(target * sum(self.sizes))
+            counts = [score.numel() - round(target * score.numel()) for score in scores]
+        else:
+            counts = self._overall_counts(scores, round(target * sum(self.sizes)))
+        if multiple_of > 1:
+            counts = _round_counts(counts, self.sizes, multiple_of)
+        return [_top(score, count) for score, count in zip(scores, counts)]
+
+    @staticmethod
+    def _overall_counts(scores: list[torch.Tensor], remove: int) -> list[int]:
+        """Kept neurons per MLP when the ``remove`` lowest-scored neurons of all MLPs go."""
         flat = torch.cat(scores)
-        order = torch.argsort(flat, stable=True)
         removed = torch.zeros_like(flat, dtype=torch.bool)
-        removed[order[:remove]] = True
-        keeps, start = [], 0
-        for score in scores:
-            layer_removed = removed[start:start + score.numel()]
-            keep = torch.nonzero(~layer_removed).flatten()
-            keeps.append(keep if keep.numel() else _top(score, 1))
-            start += score.numel()
-        return keeps
+        removed[torch.argsort(flat, stable=True)[:remove]] = True
+        return [int((~part).sum()) for part in torch.split(removed, [s.numel() for s in scores])]
 
     @torch.no_grad()
     def fold(self, model: nn.Module, keep: list[torch.Tensor]) -> None:
@@ -117,6 +122,22 @@ class MlpGates(nn.Module):
     def zero_gate_keep(self) -> list[torch.Tensor]:
         """Indices of the neurons whose deterministic gate is non-zero (folding these is exact)."""
         return [torch.nonzero(~c).flatten() for c in self.closed()]
+
+
+def _round_counts(counts: list[int], sizes: list[int], multiple: int) -> list[int]:
+    """``counts`` rounded to multiples of ``multiple`` (at least one block, at most the largest
+    multiple within each MLP's size) with the same total up to half a block, by largest remainder."""
+    ceilings = [max(multiple, size // multiple * multiple) for size in sizes]
+    floors = [min(ceiling, max(multiple, count // multiple * multiple)) for count, ceiling in zip(counts, ceilings)]
+    extra = round((sum(counts) - sum(floors)) / multiple)
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(counts[i] - floors[i]), i))
+    for i in by_remainder:
+        if extra <= 0:
+            break
+        if floors[i] + multiple <= ceilings[i]:
+            floors[i] += multiple
+            extra -= 1
+    return floors
 
 
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ class SparsityConfig(StrictModel):
       lagrangian_lr: 0.5       # learning rate (ascent) of the Lagrange multipliers
       multipliers: quadratic   # quadratic | linear+quadratic (CoFi)
       warmup: 0.3              # share of the steps over which the target ramps up from 0
+      multiple_of: 1           # kept MLP widths rounded to a multiple (64: GPTQ groups, tensor cores)
     ```
     """
 
@@ -52,6 +53,7 @@ class SparsityConfig(StrictModel):
     lagrangian_lr: float = Field(0.5, gt=0.0)
     multipliers: Literal["quadratic", "linear+quadratic"] = "quadratic"
     warmup: float = Field(0.3, ge=0.0, le=1.0)
+    multiple_of: int = Field(1, ge=1)
 
     def target_at(self, step: int, total_steps: int) -> float:
         """The ramped target after ``step`` of ``total_steps`` optimizer steps."""

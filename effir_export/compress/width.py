@@ -73,7 +73,7 @@ def run_width_stage(loaded: LoadedModel, config: WidthConfig, recipe, work_dir: 
     closed = gates.closed_fraction()
     gates.detach()
     model = trainer.finish()
-    keep = gates.select_keep(config.sparsity.target, config.sparsity.scope)
+    keep = gates.select_keep(config.sparsity.target, config.sparsity.scope, config.sparsity.multiple_of)
     gates.fold(model, keep)
     loaded.model = model
     after = account(model)
