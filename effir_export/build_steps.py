@@ -106,7 +106,8 @@ def _validate_run(state: BuildState, folder: Path) -> dict:
     backends += [f"{name}={kind}:{state.artifacts[name]}" for name, kind in BACKEND_ARTIFACTS.items()
                  if name in state.artifacts]
     config = state.recipe.validation.model_copy(update={
-        "reference": f"reference=torch:{state.reference}", "backends": backends, "out": str(folder)})
+        "reference": f"reference=torch:{state.reference}", "backends": backends, "out": str(folder),
+        "fidelity_to": "compressed"})  # exports are judged against the model they came from
     report = run_validation(config, base_dir=state.recipe.resolve_path("."), embedding=state.recipe.embedding)
     return {"gates_passed": report.passed, "backends": build_rows(report),
             "failed_gates": [g.model_dump() for g in report.gates if not g.passed]}

@@ -15,6 +15,7 @@ from test_validation_metrics import write_beir
 
 from effir_export.cli import main
 from effir_export.models.format import save_model
+from effir_export.validation.backends import BackendError
 from effir_export.validation import (BenchConfig, LatencyConfig, MemoryConfig, ValidateConfig, run_bench,
                                      run_validation)
 
@@ -79,6 +80,18 @@ def test_second_run_reads_the_embedding_cache_and_gives_the_same_numbers(workspa
     first, second = run_validation(cfg), run_validation(cfg)
     assert not first.reference.cache_hit and second.reference.cache_hit and second.reference.encode_seconds == 0
     assert first.reference.retrieval == second.reference.retrieval
+
+
+def test_fidelity_to_measures_exports_against_the_model_they_came_from(workspace):
+    slim_bf16 = f"slim-bf16=torch-bf16:{workspace / 'slim'}"
+    cfg = config(workspace, backends=[f"slim=torch:{workspace / 'slim'}", slim_bf16], latency=None, memory=None)
+    default, anchored = run_validation(cfg), run_validation(cfg.model_copy(update={"fidelity_to": "slim"}))
+    slim, bf16 = anchored.backends
+    assert slim.fidelity.against == "full" and slim.fidelity.min == default.backends[0].fidelity.min
+    assert bf16.fidelity.against == "slim" and bf16.fidelity.min > 0.99  # bf16 of the same slim model
+    assert default.backends[1].fidelity.against == "full" and default.backends[1].fidelity.min < bf16.fidelity.min
+    with pytest.raises(BackendError, match="fidelity_to: 'nope' is not a backend"):
+        run_validation(cfg.model_copy(update={"fidelity_to": "nope"}))
 
 
 def test_onnx_export_is_a_backend(workspace, tmp_path):

@@ -67,6 +67,8 @@ class ValidateConfig(StrictModel):
       batch_size: 32
       threads: null            # CPU threads for PyTorch and ONNX Runtime (null: their defaults)
       gates: ../validation/ci-gates.yaml
+      fidelity_to: null        # backend the others' cosines are measured against (null: the reference);
+                               # that backend itself is compared with the reference
       latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10}
       memory: {batch: 16}
       out: ../reports/validation
@@ -81,6 +83,7 @@ class ValidateConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1)
     gates: str | None = None
+    fidelity_to: str | None = None
     latency: LatencyConfig | None = LatencyConfig()
     memory: MemoryConfig | None = MemoryConfig()
     out: str | None = None

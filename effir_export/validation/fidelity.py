@@ -11,6 +11,7 @@ class FidelityStats(BaseModel):
     """Per-text cosines to the reference, summarised (``cosines`` stays out of the JSON)."""
 
     texts: int
+    against: str = ""  # the backend these cosines are measured against
     min: float
     p1: float
     mean: float
@@ -28,8 +29,8 @@ def cosines(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b) / norms
 
 
-def fidelity(embeddings: np.ndarray, reference: np.ndarray) -> FidelityStats:
-    """min / 1st percentile / mean of the per-text cosines."""
+def fidelity(embeddings: np.ndarray, reference: np.ndarray, against: str = "") -> FidelityStats:
+    """min / 1st percentile / mean of the per-text cosines to ``reference`` (named ``against``)."""
     values = cosines(embeddings, reference)
-    return FidelityStats(texts=len(values), min=float(values.min()), p1=float(np.percentile(values, 1)),
+    return FidelityStats(texts=len(values), against=against, min=float(values.min()), p1=float(np.percentile(values, 1)),
                          mean=float(values.mean()), cosines=values.tolist())

@@ -60,7 +60,7 @@ def _speedup(regime: str) -> Callable[[dict, dict], float | None]:
 
 
 METRICS: dict[str, Metric] = {
-    "min_cosine": Metric(_fidelity("min"), True, doc="lowest per-text cosine to the reference"),
+    "min_cosine": Metric(_fidelity("min"), True, doc="lowest per-text cosine to the fidelity reference"),
     "min_cosine_p1": Metric(_fidelity("p1"), True, doc="1st percentile of the per-text cosines"),
     "min_cosine_mean": Metric(_fidelity("mean"), True, doc="mean per-text cosine"),
     "min_ndcg_at_10": Metric(lambda b, ref: b["retrieval"]["ndcg_at_10"], True, doc="nDCG@10"),

@@ -117,14 +117,14 @@ def markdown(report: ValidationReport) -> str:
     if ds.get("slice"):
         lines.append(f"Slice: {ds['slice']}.")
     lines += ["", "## Quality, fidelity, size", "",
-              "| backend | nDCG@10 | Δ points | recall@100 | MRR@10 | cos min | cos p1 | cos mean | params (M) "
-              "| disk MB | peak (Δ) mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| backend | nDCG@10 | Δ points | recall@100 | MRR@10 | cos to | cos min | cos p1 | cos mean | params (M) "
+              "| disk MB | peak (Δ) mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.all_results():
         f = r.fidelity
         drop = 100 * (ref["ndcg_at_10"] - r.retrieval["ndcg_at_10"])
         lines.append(
             f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {drop:+.2f} | {r.retrieval['recall_at_100']:.4f} | "
-            f"{r.retrieval['mrr_at_10']:.4f} | {f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
+            f"{r.retrieval['mrr_at_10']:.4f} | {f.against if f else '-'} | {f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
             f"{f.mean if f else 1:.5f} | {'-' if r.parameters is None else f'{r.parameters / 1e6:.1f}'} | "
             f"{_mb(r.disk_bytes)} | {_memory(r.memory)} |")
     lines.append(f"\nThe first row is the reference (`{report.reference.spec}`); Δ points = (reference − backend) x 100.")
@@ -242,9 +242,8 @@ def plot_fidelity(report: ValidationReport, path: Path) -> None:
     for r in report.backends:
         if r.fidelity and r.fidelity.cosines:
             ax.hist(np.clip(1.0 - np.asarray(r.fidelity.cosines), 1e-8, 1.0), bins=bins, histtype="step", lw=1.5,
-                    label=f"{r.name} (min cos {r.fidelity.min:.4f})")
-    ax.set(xscale="log", xlabel="1 − cosine to the reference", ylabel="texts",
-           title=f"embedding fidelity vs {report.reference.name}")
+                    label=f"{r.name} vs {r.fidelity.against or report.reference.name} (min cos {r.fidelity.min:.4f})")
+    ax.set(xscale="log", xlabel="1 − cosine", ylabel="texts", title="embedding fidelity")
     if report.backends:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -74,6 +74,17 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _measure_fidelity(results: list, encoded: list, fidelity_to: str | None) -> None:
+    """Every backend's per-text cosines to ``fidelity_to`` (default: the reference, ``results[0]``);
+    the ``fidelity_to`` backend itself is compared with the reference."""
+    names = [r.name for r in results]
+    anchor = names.index(fidelity_to) if fidelity_to else 0
+    embeddings = [np.concatenate(e[:2]) for e in encoded]
+    for index, result in enumerate(results[1:], 1):
+        against = 0 if index == anchor else anchor
+        result.fidelity = fidelity(embeddings[index], embeddings[against], names[against])
+
+
 def _base(base_dir: str | Path | None) -> Path:
     return Path(base_dir) if base_dir is not None else Path.cwd()
 
@@ -88,6 +99,9 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     names = [s.name for s in specs]
     gates = load_gates(config.gates) if config.gates else []
     check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None})
+    if config.fidelity_to is not None and config.fidelity_to not in names:
+        raise BackendError(f"fidelity_to: '{config.fidelity_to}' is not a backend under test; "
+                                    f"choose one of {', '.join(names)}")
     baseline = _baseline(config.latency, names)
     data = slice_beir(load_beir(config.data, config.split), config.slice)
     cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
@@ -96,9 +110,7 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
         backends = build_backends(specs, BackendOptions(config.batch_size, embedding, config.threads))
         encoded = [_embed(b, data, cache_dir) for b in backends]
         results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
-        ref_all = np.concatenate(encoded[0][:2])
-        for result, (queries, corpus, *_) in zip(results[1:], encoded[1:]):
-            result.fidelity = fidelity(np.concatenate([queries, corpus]), ref_all)
+        _measure_fidelity(results, encoded, config.fidelity_to)
         if config.memory is not None:
             for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch)):
                 result.memory = memory
