@@ -125,6 +125,7 @@ def build_rows(report) -> list[dict]:
                      "size_mb": result.disk_bytes / 1e6 if result.disk_bytes else None,
                      "ndcg@10": result.retrieval.get("ndcg_at_10"),
                      "min_cosine": result.fidelity.min if result.fidelity else None,
+                     "cosine_to": result.fidelity.against if result.fidelity else None,
                      "query_ms": medians.get((result.name, "query")),
                      "document_ms": medians.get((result.name, "document"))})
     return rows

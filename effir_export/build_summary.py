@@ -20,6 +20,7 @@ def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
             summary["gates_passed"] = outcome.report["gates_passed"]
         if "backends" in outcome.report:
             summary["backends"] = outcome.report["backends"]
+            summary["failed_gates"] = outcome.report.get("failed_gates", [])
     return summary
 
 
@@ -32,15 +33,18 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"parameters: {p['original']:,} -> {p.get('final', p['original']):,} "
                       f"({p.get('final', p['original']) / p['original']:.1%})"]
     if summary.get("backends"):
-        lines += ["", "| backend | params | size MB | nDCG@10 | min cosine | query ms | doc ms |",
+        lines += ["", "| backend | params | size MB | nDCG@10 | min cosine (to) | query ms | doc ms |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for b in summary["backends"]:
+            cosine = "-" if b.get("min_cosine") is None else f"{b['min_cosine']:.5f} ({b.get('cosine_to')})"
             lines.append("| {name} | {params} | {size} | {ndcg} | {cos} | {q} | {d} |".format(
                 name=b.get("name"), params=_fmt(b.get("parameters"), "{:,}"), size=_fmt(b.get("size_mb"), "{:.1f}"),
-                ndcg=_fmt(b.get("ndcg@10"), "{:.4f}"), cos=_fmt(b.get("min_cosine"), "{:.5f}"),
+                ndcg=_fmt(b.get("ndcg@10"), "{:.4f}"), cos=cosine,
                 q=_fmt(b.get("query_ms"), "{:.1f}"), d=_fmt(b.get("document_ms"), "{:.1f}")))
     if "gates_passed" in summary:
         lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
+        lines += [f"  failed: {g['metric']} on {g['backend']}: {_fmt(g.get('value'), '{:.4g}')} "
+                  f"(needs {g['comparison']} {g['threshold']})" for g in summary.get("failed_gates", [])]
     return "\n".join(lines)
 
 

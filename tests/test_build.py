@@ -103,3 +103,61 @@ def test_a_killed_build_leaves_no_corrupt_stage_and_reruns(tiny_recipe, tmp_path
     subprocess.run([sys.executable, "-c", SLOW_STEP, str(tiny_recipe), str(out), str(marker), "0"], check=True)
     assert json.loads((out / "01-slow" / "manifest.json").read_text())["stage"] == "slow"
     assert not list(out.glob(".01-slow.tmp-*"))
+
+
+def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path):
+    """finetune -> depth -> width -> onnx -> validation (gates) -> triton on a tiny random model."""
+    from test_validation_metrics import write_beir
+
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    (tmp_path / "calibration.txt").write_text(CALIBRATION)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"query": w, "positive": f"{w} is word {i}", "negative": f"{words[i - 1]} is another"}) + "\n"
+        for i, w in enumerate(words)))
+    corpus = {f"d{i}": ("", f"{w} is word {i}") for i, w in enumerate(words)}
+    write_beir(tmp_path / "beir", corpus, {f"q{i}": w for i, w in enumerate(words[:6])},
+               {f"q{i}": {f"d{i}": 1} for i in range(6)})
+    (tmp_path / "gates.yaml").write_text(textwrap.dedent("""\
+        gates:
+          - {metric: min_cosine, threshold: 0.9999, backends: [onnx]}
+          - {metric: max_size_mb, threshold: 1.0, backends: [compressed]}
+        """))
+    train = "{data: pairs.jsonl, steps: 3, batch_size: 4, max_length: 24, lora: {rank: 4, alpha: 8}}"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: tiny-e2e
+        model: {{source: base}}
+        embedding: {{max_length: 32}}
+        finetune: {train}
+        depth:
+          score: {{calibration: calibration.txt, samples: 8, max_length: 32}}
+          drop: {{mlp: 1}}
+        width:
+          {{data: pairs.jsonl, steps: 4, batch_size: 4, max_length: 24, lora: null,
+           sparsity: {{target: 0.25, multiple_of: 8, warmup: 0.0}}}}
+        onnx: {{opset: 18}}
+        validate:
+          reference: unused=torch:base
+          data: beir
+          gates: gates.yaml
+          latency: {{query_batch: 2, document_batch: 4, warmup: 0, repeats: 2}}
+          memory: null
+        triton: {{name: tiny, max_batch_size: 4}}
+        """))
+    out = tmp_path / "build"
+    result = _build(recipe, out)
+    stages = [p.name for p in sorted(out.iterdir()) if p.is_dir()]
+    assert stages == ["01-finetune", "02-depth", "03-width", "04-onnx", "05-validation", "06-triton"]
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["gates_passed"] is True and summary["failed_gates"] == []
+    rows = {row["name"]: row for row in summary["backends"]}
+    assert set(rows) == {"reference", "compressed", "compressed-bf16", "onnx"}
+    assert rows["onnx"]["cosine_to"] == "compressed" and rows["compressed"]["cosine_to"] == "reference"
+    assert rows["compressed"]["parameters"] < rows["reference"]["parameters"]
+    widths = json.loads((out / "03-width" / "config.json").read_text())["layers"]
+    kept = [layer["intermediate_size"] for layer in widths if layer.get("mlp", True) and layer["intermediate_size"]]
+    assert kept and all(w % 8 == 0 and w < 48 for w in kept)
+    assert (out / "06-triton" / "repository" / "tiny" / "config.pbtxt").is_file()
+    assert "gates: PASSED" in result.output
