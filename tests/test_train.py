@@ -16,7 +16,7 @@ from effir_export.compress.sparsity import SparsityConfig, make_relaxation
 from effir_export.compress.train import (CheckpointError, ContrastiveTrainer, LoraSettings, TrainConfig,
                                          false_negative_mask, info_nce)
 from effir_export.compress.width import GateTraining
-from effir_export.recipe import Recipe
+from effir_export.recipe import Recipe, load_recipe
 
 PAIRS = SHARED_DATA / "msmarco_subset_pairs" / "pairs.jsonl"
 
@@ -43,6 +43,33 @@ def test_beir_folder_pairs_use_judged_positives_and_zero_scores_as_negatives(tmp
                                     TrainingPair("query one", "doc c", ("doc b",))]
     with pytest.raises(PairsError, match="qrels/dev.tsv"):
         read_pairs(tmp_path, split="dev")
+
+
+def test_plain_text_gives_inverse_cloze_pairs(tmp_path):
+    passages = [" ".join(f"w{i}_{k}" for k in range(20 + i)) for i in range(50)] + ["too short to use"]
+    path = tmp_path / "passages.txt"
+    path.write_text("\n".join(passages) + "\n")
+    pairs = read_pairs(path, seed=3)
+    assert len(pairs) == 50 and read_pairs(path, seed=3) == pairs and read_pairs(path, seed=4) != pairs
+    cut = 0
+    for passage, pair in zip(passages, pairs):
+        query = pair.query.split()
+        assert 4 <= len(query) <= 12 and pair.query in passage and not pair.negatives
+        if pair.query not in pair.positive:
+            cut += 1
+            assert len(pair.positive.split()) == len(passage.split()) - len(query)
+    assert 35 <= cut <= 50  # the span is cut out of the positive 90 % of the time
+
+
+def test_a_stage_can_mix_training_sources(tmp_path):
+    from effir_export.compress.finetune import load_stage_pairs
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    (tmp_path / "b.txt").write_text(" ".join(f"w{k}" for k in range(30)) + "\n")
+    (tmp_path / "r.yaml").write_text("name: mix\nmodel: {source: base}\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    pairs, probe = load_stage_pairs(TrainConfig(data=["a.jsonl", "b.txt"], probe=1), recipe)
+    assert [p.query for p in pairs][0] == "q" and len(pairs) == 2 and probe == pairs[-1:]
 
 
 def test_bad_training_data_fails_with_the_line(tmp_path):

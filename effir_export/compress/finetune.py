@@ -32,8 +32,10 @@ class FinetuneConfig(TrainConfig):
 
 
 def load_stage_pairs(config: TrainConfig, recipe) -> tuple[list[TrainingPair], list[TrainingPair]]:
-    """The training pairs named by ``config.data`` (relative to the recipe) and the probe pairs."""
-    pairs = read_pairs(recipe.resolve_path(config.data), config.split, config.max_pairs)
+    """The training pairs of every source in ``config.data`` (relative to the recipe) and the probe pairs."""
+    sources = [config.data] if isinstance(config.data, str) else config.data
+    pairs = [pair for source in sources
+             for pair in read_pairs(recipe.resolve_path(source), config.split, config.max_pairs, config.seed)]
     return pairs, pairs[len(pairs) - min(config.probe, len(pairs)):] if config.probe else []
 
 

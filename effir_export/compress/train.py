@@ -54,9 +54,10 @@ class TrainConfig(StrictModel):
     """Contrastive training: data, InfoNCE, optimisation, precision, checkpoints.
 
     ```yaml
-    data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s) or a BEIR folder
+    data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s), a BEIR folder,
+                               # a .txt file of passages (Inverse Cloze pairs), or a list of these (mixed)
     split: train               # qrels split when data is a BEIR folder
-    max_pairs: null            # use only the first N pairs
+    max_pairs: null            # use only the first N pairs of each source
     steps: 30                  # optimizer steps
     batch_size: 8              # queries per micro-batch (in-batch negatives come from it)
     accumulation: 1            # micro-batches per optimizer step
@@ -79,7 +80,7 @@ class TrainConfig(StrictModel):
     ```
     """
 
-    data: str
+    data: str | list[str]
     split: str = "train"
     max_pairs: int | None = Field(None, ge=1)
     steps: int = Field(30, ge=1)
