@@ -21,6 +21,7 @@ def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
         if "backends" in outcome.report:
             summary["backends"] = outcome.report["backends"]
             summary["failed_gates"] = outcome.report.get("failed_gates", [])
+            summary["skipped_gates"] = outcome.report.get("skipped_gates", [])
     return summary
 
 
@@ -45,6 +46,7 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
         lines += [f"  failed: {g['metric']} on {g['backend']}: {_fmt(g.get('value'), '{:.4g}')} "
                   f"(needs {g['comparison']} {g['threshold']})" for g in summary.get("failed_gates", [])]
+        lines += [f"  skipped: {note}" for note in summary.get("skipped_gates", [])]
     return "\n".join(lines)
 
 

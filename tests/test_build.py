@@ -123,6 +123,7 @@ def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path):
         gates:
           - {metric: min_cosine, threshold: 0.9999, backends: [onnx]}
           - {metric: max_size_mb, threshold: 1.0, backends: [compressed]}
+          - {metric: min_cosine_mean, threshold: 0.9, backends: [gptq]}
         """))
     train = "{data: pairs.jsonl, steps: 3, batch_size: 4, max_length: 24, lora: {rank: 4, alpha: 8}}"
     recipe = tmp_path / "recipe.yaml"
@@ -152,6 +153,7 @@ def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path):
     assert stages == ["01-finetune", "02-depth", "03-width", "04-onnx", "05-validation", "06-triton"]
     summary = json.loads((out / "build_summary.json").read_text())
     assert summary["gates_passed"] is True and summary["failed_gates"] == []
+    assert summary["skipped_gates"] == ["min_cosine_mean on gptq: not built"]  # no gptq: section
     rows = {row["name"]: row for row in summary["backends"]}
     assert set(rows) == {"reference", "compressed", "compressed-bf16", "onnx"}
     assert rows["onnx"]["cosine_to"] == "compressed" and rows["compressed"]["cosine_to"] == "reference"

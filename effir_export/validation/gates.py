@@ -115,6 +115,22 @@ def load_gates(path: str | Path) -> list[Gate]:
     return gates
 
 
+def without_absent(gates: list[Gate], absent: set[str]) -> tuple[list[Gate], list[str]]:
+    """``gates`` with the ``absent`` backends (optional artifacts a build did not make) left out; a gate
+    that named only absent backends is dropped and described in the second list."""
+    kept, skipped = [], []
+    for gate in gates:
+        if gate.backends is None or not absent.intersection(gate.backends):
+            kept.append(gate)
+            continue
+        present = [b for b in gate.backends if b not in absent]
+        missing = ", ".join(b for b in gate.backends if b in absent)
+        if present:
+            kept.append(gate.model_copy(update={"backends": present}))
+        skipped.append(f"{gate.metric} on {missing}: not built")
+    return kept, skipped
+
+
 def check_gates(gates: list[Gate], names: list[str], sections: set[str]) -> None:
     """Fail before any work when a gate names an unknown backend or needs a disabled measurement."""
     for gate in gates:

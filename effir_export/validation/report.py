@@ -49,6 +49,7 @@ class ValidationReport(BaseModel):
     latency: LatencyReport | None
     gates: list[GateResult]
     passed: bool
+    skipped_gates: list[str] = []
 
     @property
     def failed_gates(self) -> list[GateResult]:
@@ -131,6 +132,7 @@ def markdown(report: ValidationReport) -> str:
     if report.latency:
         lines += ["", latency_markdown(report.latency)]
     lines += ["", "## Gates", "", gates_table(report.gates) if report.gates else "No gates configured.",
+              *[f"\nSkipped: {note}." for note in report.skipped_gates],
               "", "![quality vs size vs latency](quality_size_latency.png)", "", "![fidelity](fidelity_hist.png)", ""]
     return "\n".join(lines)
 

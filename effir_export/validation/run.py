@@ -23,7 +23,7 @@ from .backends import Backend, BackendError, BackendOptions, BackendSpec, build_
 from .beir import BeirData, evaluate, load_beir, search, slice_beir
 from .config import BenchConfig, LatencyConfig, ValidateConfig
 from .fidelity import fidelity
-from .gates import check_gates, evaluate_gates, load_gates
+from .gates import check_gates, evaluate_gates, load_gates, without_absent
 from .latency import LatencyReport, measure_latency
 from .memory import MemoryResult, measure_encode_memory
 from .report import BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench, write_reports
@@ -90,14 +90,16 @@ def _base(base_dir: str | Path | None) -> Path:
 
 
 def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
-                   embedding: EmbeddingOverride | None = None) -> ValidationReport:
+                   embedding: EmbeddingOverride | None = None,
+                   absent_backends: frozenset[str] = frozenset()) -> ValidationReport:
     """Validate ``config.backends`` against ``config.reference``; writes reports to ``config.out``
     when set. Relative paths are taken from ``base_dir`` (default: the working directory);
-    ``embedding`` (a recipe's section) overrides the embedding settings of model-loading backends."""
+    ``embedding`` (a recipe's section) overrides the embedding settings of model-loading backends;
+    gates on ``absent_backends`` (optional artifacts that were not built) are skipped and listed."""
     config = config.resolved(_base(base_dir))
     specs = parse_specs([config.reference, *config.backends])
     names = [s.name for s in specs]
-    gates = load_gates(config.gates) if config.gates else []
+    gates, skipped_gates = without_absent(load_gates(config.gates) if config.gates else [], set(absent_backends))
     check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None})
     if config.fidelity_to is not None and config.fidelity_to not in names:
         raise BackendError(f"fidelity_to: '{config.fidelity_to}' is not a backend under test; "
@@ -128,7 +130,7 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     report = ValidationReport(
         created=_now(), machine=machine, config=config.model_dump(), dataset=data.summary(),
         reference=results[0], backends=results[1:], latency=latency, gates=gate_results,
-        passed=all(g.passed for g in gate_results))
+        passed=all(g.passed for g in gate_results), skipped_gates=skipped_gates)
     if config.out:
         write_reports(report, config.out)
     return report
