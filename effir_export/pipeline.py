@@ -67,22 +67,57 @@ class StageOutcome:
     report: dict = field(default_factory=dict)
 
 
-def stage_key(name: str, settings: object, upstream: str) -> str:
-    """Hash of a stage's name, settings and the previous stage's output hash."""
+def stage_key(name: str, settings: object, upstream: str, base_dir: Path | None = None) -> str:
+    """Hash of a stage's name, settings, the contents of the files its settings name (relative to
+    ``base_dir``: training data, calibration text, gate files) and the previous stage's output hash."""
     payload = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else settings
-    text = json.dumps({"stage": name, "settings": payload, "upstream": upstream, "effir_export": __version__},
-                      sort_keys=True, default=str)
+    inputs = referenced_inputs(payload, base_dir) if base_dir is not None else {}
+    text = json.dumps({"stage": name, "settings": payload, "inputs": inputs, "upstream": upstream,
+                       "effir_export": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+OUTPUT_KEYS = frozenset({"out", "checkpoint_dir", "cache_dir"})  # folders a stage writes, not inputs
+
+
+def referenced_inputs(payload: object, base_dir: Path) -> dict[str, str]:
+    """Content hash of every existing file or folder that a string in ``payload`` names, so that
+    editing a stage's data (not only its settings) redoes the stage."""
+    found: dict[str, str] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key not in OUTPUT_KEYS:
+                    visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, str) and value and "\n" not in value:
+            path = base_dir / value
+            if path.is_file():
+                found[value] = file_hash(path)
+            elif path.is_dir() and value not in (".", ""):
+                found[value] = folder_hash(path)
+
+    visit(payload)
+    return found
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def folder_hash(folder: Path) -> str:
-    """Content hash of a stage folder's files (manifest excluded)."""
+    """Content hash of a folder's files (a stage's manifest excluded)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         digest.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
+        digest.update(file_hash(path).encode())
     return digest.hexdigest()[:16]
 
 
@@ -113,6 +148,7 @@ def run_build(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str]
     """Run ``steps`` in order under ``out``; returns one outcome per step."""
     from .models.sources import load_model
 
+    out = Path(out).resolve()  # stages hand folders to each other; a relative one would move with the reader
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     source = load_model(recipe.model.source)
@@ -124,7 +160,7 @@ def run_build(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str]
     for number, step in enumerate(active, 1):
         folder = out / f"{number:02d}-{step.name}"
         settings = step.settings(recipe)
-        key = stage_key(step.name, settings, upstream)
+        key = stage_key(step.name, settings, upstream, recipe.resolve_path("."))
         reason = step.skip_reason(recipe)
         if reason:
             echo(f"[{number}/{len(active)}] {step.name:<10} skipped: {reason}")
