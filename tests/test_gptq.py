@@ -2,6 +2,7 @@
 against round-to-nearest, round trip, reload. Skipped where the GPTQ environment is absent."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -51,6 +52,8 @@ def test_checkpoint_has_the_standard_gptq_layout(exported):
     qcfg = json.loads((folder / "quantize_config.json").read_text())
     assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (4, GROUP, True, False)
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["bits"] == 4
+    if importlib.util.find_spec("gptqmodel") is None:  # the worker ran in .venv-gptq: its log is kept
+        assert "gptq" in (folder / "gptqmodel.log").read_text().lower()
     state = load_file(str(folder / "model.safetensors"))
     for name, module in loaded.model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -130,6 +133,17 @@ def test_reloaded_model_keeps_structure_and_embeddings(exported):
     quantised = Encoder(model, loaded.tokenizer).encode(TEXTS)
     cosine = (reference * quantised).sum(1)
     assert cosine.min() > 0.99, cosine
+
+
+def test_validation_backends_run_the_checkpoint_in_fp32_and_bf16(exported):
+    from effir_export.validation.backends import build_backend
+
+    loaded, folder = exported
+    reference = Encoder(loaded.model, loaded.tokenizer).encode(TEXTS)
+    for kind, floor in (("gptq", 0.99), ("gptq-bf16", 0.98)):
+        backend = build_backend(f"{kind}:{folder}")
+        assert backend.extra["dtype"] == ("float32" if kind == "gptq" else "bfloat16")
+        assert (reference * backend.encoder.encode(TEXTS)).sum(1).min() > floor
 
 
 def test_checkpoint_feeds_a_matmulnbits_onnx_graph(exported, tmp_path):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
-import sys
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -36,6 +36,7 @@ from .gptq_worker import STRUCTURE_KEY
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GPTQ_PYTHON = REPO_ROOT / ".venv-gptq" / "bin" / "python"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
+LOG_NAME = "gptqmodel.log"  # the GPTQModel worker's output, kept in the checkpoint folder
 INSTALL_HINT = "run `./install.sh gptq` (builds GPTQModel into .venv-gptq) or set EFFIR_GPTQ_PYTHON to a Python that has gptqmodel"
 
 
@@ -145,16 +146,18 @@ def resolve_runner(python: str | None):
 
 
 def _run_worker(interpreter: Path, request: Path) -> None:
-    """Run the worker with this checkout importable; its (GPTQModel's per-layer) progress goes to stderr."""
+    """Run the worker with this checkout importable; its output (GPTQModel's per-layer tables) goes to
+    ``gptqmodel.log`` beside the request, which the checkpoint keeps; a failure quotes its tail."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     env.setdefault("HF_HUB_OFFLINE", "1")
     tail: deque[str] = deque(maxlen=15)
     with subprocess.Popen([str(interpreter), "-m", "effir_export.export.gptq_worker", str(request)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc, \
+            open(request.parent / LOG_NAME, "w") as log:
         for line in proc.stdout:
             tail.append(line.rstrip())
-            sys.stderr.write(line)
+            log.write(line)
     if proc.returncode != 0:
         raise GptqError(f"GPTQModel failed (exit {proc.returncode}) in {interpreter}: " + " | ".join(tail))
 
@@ -179,6 +182,8 @@ def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, 
         (tmp / QUANTIZE_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quantization": "gptq"})
         loaded.tokenizer.save_pretrained(tmp)
+        if (quantized.parent / LOG_NAME).is_file():
+            shutil.copyfile(quantized.parent / LOG_NAME, tmp / LOG_NAME)
         report = {"source": loaded.source, "config": config.model_dump(), "quantize_config": qcfg,
                   "calibration": calibration, "quantized_linears": len(quantized_layers),
                   "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size}
