@@ -37,7 +37,7 @@ class SparsityConfig(StrictModel):
       scope: overall           # overall | per_layer
       relaxation: sigmoid      # sigmoid (EffiR, gate = ReLU(z)) | hard_concrete (Louizos et al.)
       temperature: 0.1         # sigmoid relaxation: sigmoid(z / temperature) counts an open gate
-      gate_lr: 0.2             # learning rate of the gate parameters (decays with the model's)
+      gate_lr: 0.2             # learning rate of the gate parameters (constant, as in CoFi)
       lagrangian_lr: 0.5       # learning rate (ascent) of the Lagrange multipliers
       multipliers: quadratic   # quadratic | linear+quadratic (CoFi)
       warmup: 0.3              # share of the steps over which the target ramps up from 0

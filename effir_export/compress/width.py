@@ -45,8 +45,10 @@ class GateTraining(TrainingExtension):
         self.controller = LagrangianController(groups, linear=config.multipliers == "linear+quadratic")
 
     def param_groups(self) -> list[dict]:
+        """Gates and multipliers keep a constant learning rate (as in CoFi): a gate whose learning rate
+        has decayed can no longer follow the controller, so late in training the target would be missed."""
         multipliers = [p for p in self.controller.parameters() if p.requires_grad]
-        return [{"params": list(self.gates.z), "lr": self.config.gate_lr},
+        return [{"params": list(self.gates.z), "lr": self.config.gate_lr, "scheduled": False},
                 {"params": multipliers, "lr": self.config.lagrangian_lr, "scheduled": False}]
 
     def before_batch(self, step: int) -> None:
