@@ -12,6 +12,8 @@ from .models.format import write_model_files
 from .models.sources import load_model
 from .pipeline import BuildState, BuildStep
 from .recipe import Recipe
+from .validation.backends import PLACEHOLDER, BackendSpec
+from .validation.config import ValidateConfig
 
 
 def _load_current(state: BuildState):
@@ -96,21 +98,51 @@ def _tensorrt_skip(recipe: Recipe) -> str | None:
     return None if torch.cuda.is_available() else "needs an NVIDIA GPU (none visible)"
 
 
-BACKEND_ARTIFACTS = {"onnx": "onnx", "onnx-int4": "onnx", "gptq": "gptq"}  # artifact -> backend kind
+# What a build validates when the recipe's validate section names no {placeholder}: the reference, the
+# compressed model in fp32 and bf16, and every export; exports are judged against the compressed model.
+DEFAULT_REFERENCE = "reference=torch:{reference}"
+DEFAULT_BACKENDS = ("compressed=torch:{model}", "compressed-bf16=torch-bf16:{model}", "onnx=onnx:{onnx}",
+                    "onnx-int4=onnx:{onnx-int4}", "gptq=gptq:{gptq}")
+
+
+def build_backend_specs(config: ValidateConfig, state: BuildState,
+                        steps: list[str]) -> tuple[str, list[str], frozenset[str]]:
+    """The reference and backend specs a build validates, placeholders filled with this build's folders:
+    ``{reference}`` (the fine-tuned full model, or the source), ``{model}`` (the compressed model) and
+    ``{<stage>}`` for an artifact stage (``{onnx}``, ``{gptq}``, ...). A backend whose stage was not built
+    (skipped or not in the recipe) is left out and its name returned, so gates on it are skipped."""
+    specs = [config.reference, *config.backends]
+    if not any(PLACEHOLDER.search(spec) for spec in specs):
+        specs = [DEFAULT_REFERENCE, *DEFAULT_BACKENDS]
+    folders = {"reference": state.reference, "model": state.model,
+               **{name: str(folder) for name, folder in state.artifacts.items()}}
+    known = {"reference", "model", *steps}
+    filled, absent = [], set()
+    for spec in specs:
+        names = PLACEHOLDER.findall(spec)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise EffirError(f"validate spec '{spec}' names '{{{unknown[0]}}}'; a build fills in "
+                             f"{', '.join('{' + k + '}' for k in sorted(known))}")
+        if any(name not in folders for name in names):
+            absent.add(BackendSpec.parse(spec).name)
+            continue
+        filled.append(PLACEHOLDER.sub(lambda match: folders[match[1]], spec))
+    if BackendSpec.parse(specs[0]).name in absent:
+        raise EffirError(f"the validation reference '{specs[0]}' names a stage this build did not make")
+    return filled[0], filled[1:], frozenset(absent)
 
 
 def _validate_run(state: BuildState, folder: Path) -> dict:
     from .validation.run import run_validation
 
-    backends = [f"compressed=torch:{state.model}", f"compressed-bf16=torch-bf16:{state.model}"]
-    backends += [f"{name}={kind}:{state.artifacts[name]}" for name, kind in BACKEND_ARTIFACTS.items()
-                 if name in state.artifacts]
-    config = state.recipe.validation.model_copy(update={
-        "reference": f"reference=torch:{state.reference}", "backends": backends, "out": str(folder),
-        "fidelity_to": "compressed"})  # exports are judged against the model they came from
-    absent = frozenset(name for name in BACKEND_ARTIFACTS if name not in state.artifacts)
-    report = run_validation(config, base_dir=state.recipe.resolve_path("."), embedding=state.recipe.embedding,
-                            absent_backends=absent)
+    config = state.recipe.validation
+    reference, backends, absent = build_backend_specs(config, state, [step.name for step in default_steps()])
+    update = {"reference": reference, "backends": backends, "out": str(folder)}
+    if not any(PLACEHOLDER.search(spec) for spec in [config.reference, *config.backends]):
+        update["fidelity_to"] = "compressed"  # exports are judged against the model they came from
+    report = run_validation(config.model_copy(update=update), base_dir=state.recipe.resolve_path("."),
+                            embedding=state.recipe.embedding, absent_backends=absent)
     return {"gates_passed": report.passed, "backends": build_rows(report),
             "failed_gates": [g.model_dump() for g in report.gates if not g.passed],
             "skipped_gates": report.skipped_gates}

@@ -69,6 +69,35 @@ def test_build_caches_stages_and_redoes_only_what_changed(tiny_recipe, tmp_path)
     assert "depth      running" in forced.output
 
 
+def test_editing_a_file_the_recipe_names_redoes_the_stage(tiny_recipe, tmp_path):
+    out = tmp_path / "build"
+    _build(tiny_recipe, out)
+    assert "depth      cached" in _build(tiny_recipe, out).output
+    (tmp_path / "calibration.txt").write_text(CALIBRATION + "\none more calibration passage")
+    assert "depth      running" in _build(tiny_recipe, out).output
+
+
+def test_build_fills_validation_placeholders_and_leaves_out_stages_not_built(tmp_path):
+    from effir_export.build_steps import build_backend_specs, default_steps
+    from effir_export.errors import EffirError
+    from effir_export.pipeline import BuildState
+    from effir_export.validation.config import ValidateConfig
+
+    steps = [step.name for step in default_steps()]
+    state = BuildState(recipe=None, model="b/03-width", reference="b/01-finetune", artifacts={"onnx": Path("b/04-onnx")})
+    config = ValidateConfig(reference="ref=torch-bf16:{reference}", data="beir",
+                            backends=["c=torch-bf16:{model}", "o=onnx:{onnx}", "g=gptq-bf16:{gptq}"])
+    reference, backends, absent = build_backend_specs(config, state, steps)
+    assert reference == "ref=torch-bf16:b/01-finetune"
+    assert backends == ["c=torch-bf16:b/03-width", "o=onnx:b/04-onnx"] and absent == {"g"}
+    # no placeholder: the build's defaults (reference, compressed fp32 + bf16, every export built)
+    reference, backends, absent = build_backend_specs(ValidateConfig(reference="torch:x", data="beir"), state, steps)
+    assert reference == "reference=torch:b/01-finetune" and "onnx=onnx:b/04-onnx" in backends
+    assert absent == {"onnx-int4", "gptq"}
+    with pytest.raises(EffirError, match="names '\\{gptqq\\}'; a build fills in"):
+        build_backend_specs(config.model_copy(update={"backends": ["g=gptq:{gptqq}"]}), state, steps)
+
+
 SLOW_STEP = """
 import sys, time
 from pathlib import Path
@@ -105,7 +134,7 @@ def test_a_killed_build_leaves_no_corrupt_stage_and_reruns(tiny_recipe, tmp_path
     assert not list(out.glob(".01-slow.tmp-*"))
 
 
-def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path):
+def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path, monkeypatch):
     """finetune -> depth -> width -> onnx -> validation (gates) -> triton on a tiny random model."""
     from test_validation_metrics import write_beir
 
@@ -147,8 +176,10 @@ def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path):
           memory: null
         triton: {{name: tiny, max_batch_size: 4}}
         """))
-    out = tmp_path / "build"
-    result = _build(recipe, out)
+    (tmp_path / "work").mkdir()  # a relative --out (as the default is) from a folder other than the recipe's
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "work" / "build"
+    result = _build(recipe, Path("build"))
     stages = [p.name for p in sorted(out.iterdir()) if p.is_dir()]
     assert stages == ["01-finetune", "02-depth", "03-width", "04-onnx", "05-validation", "06-triton"]
     summary = json.loads((out / "build_summary.json").read_text())

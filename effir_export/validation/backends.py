@@ -21,6 +21,7 @@ from ..models.encoder import EmbeddingBackend
 from ..models.format import EffirModel
 
 SPEC_PATTERN = re.compile(r"^(?:(?P<name>[^=:]+)=)?(?P<kind>[A-Za-z0-9_-]+):(?P<artifact>.+)$")
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")  # {model}, {onnx}, ...: stage folders a build fills in
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".onnx_data", ".gguf", ".engine", ".plan")
 
 
@@ -107,6 +108,9 @@ def register_backend(kind: str, factory: Factory) -> None:
 def build_backend(spec: BackendSpec | str, options: BackendOptions = BackendOptions()) -> Backend:
     """Construct the backend a spec names (loads the artifact)."""
     spec = BackendSpec.parse(spec) if isinstance(spec, str) else spec
+    if PLACEHOLDER.search(spec.artifact):
+        raise BackendError(f"backend '{spec.name}' names '{spec.artifact}', a placeholder that `effir-export build` "
+                           "fills with its own stage folders; outside a build pass --reference/--backend with real paths")
     if spec.kind not in FACTORIES:
         raise BackendError(f"unknown backend kind '{spec.kind}' in '{spec.kind}:{spec.artifact}'; "
                            f"known kinds: {', '.join(sorted(FACTORIES))}")
@@ -184,30 +188,34 @@ def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
                    extra={k: meta[k] for k in ("precision", "weights", "source_fingerprint") if k in meta})
 
 
-def _gptq_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
-    """A GPTQ checkpoint of an effir model, dequantised by effir-export's own loader (CPU or GPU)."""
-    from transformers import AutoTokenizer
+def _gptq_factory(dtype_name: str) -> Factory:
+    """A GPTQ checkpoint of an effir model, dequantised by effir-export's own loader (CPU or GPU) and
+    run in ``dtype_name``."""
+    def factory(spec: BackendSpec, options: BackendOptions) -> Backend:
+        import torch
+        from transformers import AutoTokenizer
 
-    from ..models.encoder import Encoder
-    from ..models.sources import hash_files
+        from ..models.encoder import Encoder
+        from ..models.sources import hash_files
 
-    try:
-        from ..export.gptq_loader import load_gptq_model
-    except ImportError as exc:
-        raise BackendError(f"gptq backend needs effir_export.export.gptq_loader ({exc})") from None
-    folder = Path(spec.artifact)
-    model = load_gptq_model(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    settings = options.embedding.apply(model.embedding_config) if options.embedding else model.embedding_config
-    encoder = Encoder(model, tokenizer, settings, batch_size=options.batch_size)
-    qcfg = model.config.quantization_config
-    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-    return Backend(spec, encoder, tokenizer, hash_files([folder / "config.json", folder / "model.safetensors"]),
-                   artifact_bytes(folder), skeleton(folder), device=encoder.device.type,
-                   extra={k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")})
+        try:
+            from ..export.gptq_loader import load_gptq_model
+        except ImportError as exc:
+            raise BackendError(f"gptq backend needs effir_export.export.gptq_loader ({exc})") from None
+        folder = Path(spec.artifact)
+        model = load_gptq_model(folder, dtype=getattr(torch, dtype_name))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        settings = options.embedding.apply(model.embedding_config) if options.embedding else model.embedding_config
+        encoder = Encoder(model, tokenizer, settings, batch_size=options.batch_size)
+        qcfg = model.config.quantization_config
+        qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+        return Backend(spec, encoder, tokenizer, hash_files([folder / "config.json", folder / "model.safetensors"]),
+                       artifact_bytes(folder), skeleton(folder), device=encoder.device.type,
+                       extra={"dtype": dtype_name, **{k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}})
+    return factory
 
 
 def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
@@ -236,5 +244,6 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
 register_backend("torch", _torch_factory("float32"))
 register_backend("torch-bf16", _torch_factory("bfloat16"))
 register_backend("onnx", _onnx_factory)
-register_backend("gptq", _gptq_factory)
+register_backend("gptq", _gptq_factory("float32"))
+register_backend("gptq-bf16", _gptq_factory("bfloat16"))
 register_backend("tensorrt", _tensorrt_factory)
