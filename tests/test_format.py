@@ -80,3 +80,16 @@ def test_config_that_disagrees_with_the_weights_is_refused(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(StructureError, match="MLP widths disagree"):
         load_effir_model(tmp_path / "m")
+
+
+def test_saved_folder_and_weights_are_readable_by_others(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        loaded = tiny_loaded("llama")
+        folder = save_model(loaded.model, loaded.tokenizer, tmp_path / "saved")
+    finally:
+        os.umask(umask)
+    assert folder.stat().st_mode & 0o755 == 0o755
+    assert (folder / "model.safetensors").stat().st_mode & 0o444 == 0o444  # safetensors alone writes 0600

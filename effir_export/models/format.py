@@ -170,6 +170,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets normal permissions
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # safetensors writes its files private (0600); readers may be other users
+            if path.is_file() and not path.is_symlink():
+                path.chmod(path.stat().st_mode | (0o444 & ~umask))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
