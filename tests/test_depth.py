@@ -171,3 +171,24 @@ def test_scoring_the_real_smollm2(smollm2, shared_data):
     assert len(values) == 60 and all(np.isfinite(values)) and all(0 <= v <= 2 for v in values)
     assert len(set(np.round(values, 9))) == 60  # distinct per layer
     assert scores.layers[0].tokens > 64 * 20
+
+
+def test_compress_runs_every_stage_of_the_recipe_in_order(tmp_path, calibration):
+    """`compress --recipe R` with no --stage: depth, then width; the saved MLPs are narrower by the target."""
+    from conftest import SHARED_DATA
+
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    recipe = _recipe(tmp_path, tmp_path / "base", calibration)
+    pairs = SHARED_DATA / "msmarco_subset_pairs" / "pairs.jsonl"
+    recipe.write_text(recipe.read_text() + (
+        f"width: {{data: {pairs}, max_pairs: 32, steps: 6, batch_size: 4, max_length: 16, lora: null, probe: 0,\n"
+        "        sparsity: {target: 0.25, multiple_of: 4}}\n"))
+    out = tmp_path / "small"
+    result = CliRunner().invoke(main, ["compress", "--recipe", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    stages = json.loads((out / "compress_report.json").read_text())["stages"]
+    assert list(stages) == ["depth", "width"] and stages["width"]["removed_fraction"] == pytest.approx(0.25, abs=0.03)
+    widths = [layer["intermediate_size"] for layer in json.loads((out / "config.json").read_text())["layers"]
+              if layer.get("mlp", True)]
+    assert len(widths) == len(loaded.model.layers) - 1 and all(w % 4 == 0 for w in widths)
