@@ -34,7 +34,7 @@ def build(tmp_path_factory) -> Path:
 def test_default_build_runs_every_stage_and_passes_its_gates(build):
     summary = json.loads((build / "build_summary.json").read_text())
     assert summary["gates_passed"] is True, summary["failed_gates"]
-    statuses = {stage["name"]: stage["status"] for stage in summary["stages"]}
+    statuses = {stage["stage"]: stage["status"] for stage in summary["stages"]}
     expected = ["finetune", "depth", "width", "onnx", "gptq", "validation", "triton"]
     assert [name for name in statuses if name != "tensorrt"] == expected
     assert all(statuses[name] == "built" for name in expected)
