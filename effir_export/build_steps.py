@@ -105,15 +105,17 @@ DEFAULT_BACKENDS = ("compressed=torch:{model}", "compressed-bf16=torch-bf16:{mod
                     "onnx-int4=onnx:{onnx-int4}", "gptq=gptq:{gptq}")
 
 
-def build_backend_specs(config: ValidateConfig, state: BuildState,
-                        steps: list[str]) -> tuple[str, list[str], frozenset[str]]:
-    """The reference and backend specs a build validates, placeholders filled with this build's folders:
+def build_validation(config: ValidateConfig, state: BuildState,
+                     steps: list[str]) -> tuple[ValidateConfig, frozenset[str]]:
+    """The recipe's validate section with its specs' placeholders filled by this build's folders:
     ``{reference}`` (the fine-tuned full model, or the source), ``{model}`` (the compressed model) and
-    ``{<stage>}`` for an artifact stage (``{onnx}``, ``{gptq}``, ...). A backend whose stage was not built
+    ``{<stage>}`` for an artifact stage (``{onnx}``, ``{gptq}``, ...); a section with no placeholder gets
+    the build's defaults, judged against the compressed model. A backend whose stage was not built
     (skipped or not in the recipe) is left out and its name returned, so gates on it are skipped."""
-    specs = [config.reference, *config.backends]
+    specs, update = [config.reference, *config.backends], {}
     if not any(PLACEHOLDER.search(spec) for spec in specs):
         specs = [DEFAULT_REFERENCE, *DEFAULT_BACKENDS]
+        update["fidelity_to"] = "compressed"  # exports are judged against the model they came from
     folders = {"reference": state.reference, "model": state.model,
                **{name: str(folder) for name, folder in state.artifacts.items()}}
     known = {"reference", "model", *steps}
@@ -130,18 +132,14 @@ def build_backend_specs(config: ValidateConfig, state: BuildState,
         filled.append(PLACEHOLDER.sub(lambda match: folders[match[1]], spec))
     if BackendSpec.parse(specs[0]).name in absent:
         raise EffirError(f"the validation reference '{specs[0]}' names a stage this build did not make")
-    return filled[0], filled[1:], frozenset(absent)
+    return config.model_copy(update={**update, "reference": filled[0], "backends": filled[1:]}), frozenset(absent)
 
 
 def _validate_run(state: BuildState, folder: Path) -> dict:
     from .validation.run import run_validation
 
-    config = state.recipe.validation
-    reference, backends, absent = build_backend_specs(config, state, [step.name for step in default_steps()])
-    update = {"reference": reference, "backends": backends, "out": str(folder)}
-    if not any(PLACEHOLDER.search(spec) for spec in [config.reference, *config.backends]):
-        update["fidelity_to"] = "compressed"  # exports are judged against the model they came from
-    report = run_validation(config.model_copy(update=update), base_dir=state.recipe.resolve_path("."),
+    config, absent = build_validation(state.recipe.validation, state, [step.name for step in default_steps()])
+    report = run_validation(config.model_copy(update={"out": str(folder)}), base_dir=state.recipe.resolve_path("."),
                             embedding=state.recipe.embedding, absent_backends=absent)
     return {"gates_passed": report.passed, "backends": build_rows(report),
             "failed_gates": [g.model_dump() for g in report.gates if not g.passed],

@@ -21,6 +21,7 @@ from typing import Callable
 from . import __version__
 from .errors import EffirError
 from .models.format import atomic_directory
+from .models.sources import hash_files, load_model
 from .recipe import Recipe
 
 MANIFEST = "manifest.json"
@@ -96,7 +97,7 @@ def referenced_inputs(payload: object, base_dir: Path) -> dict[str, str]:
         elif isinstance(value, str) and value and "\n" not in value:
             path = base_dir / value
             if path.is_file():
-                found[value] = file_hash(path)
+                found[value] = hash_files([path])
             elif path.is_dir() and value not in (".", ""):
                 found[value] = folder_hash(path)
 
@@ -104,20 +105,12 @@ def referenced_inputs(payload: object, base_dir: Path) -> dict[str, str]:
     return found
 
 
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def folder_hash(folder: Path) -> str:
     """Content hash of a folder's files (a stage's manifest excluded)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         digest.update(str(path.relative_to(folder)).encode())
-        digest.update(file_hash(path).encode())
+        digest.update(hash_files([path]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -146,8 +139,6 @@ def remove_stale_temporaries(out: Path) -> None:
 def run_build(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str] = frozenset(),
               echo: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run ``steps`` in order under ``out``; returns one outcome per step."""
-    from .models.sources import load_model
-
     out = Path(out).resolve()  # stages hand folders to each other; a relative one would move with the reader
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)

@@ -78,7 +78,7 @@ def test_editing_a_file_the_recipe_names_redoes_the_stage(tiny_recipe, tmp_path)
 
 
 def test_build_fills_validation_placeholders_and_leaves_out_stages_not_built(tmp_path):
-    from effir_export.build_steps import build_backend_specs, default_steps
+    from effir_export.build_steps import build_validation, default_steps
     from effir_export.errors import EffirError
     from effir_export.pipeline import BuildState
     from effir_export.validation.config import ValidateConfig
@@ -87,15 +87,15 @@ def test_build_fills_validation_placeholders_and_leaves_out_stages_not_built(tmp
     state = BuildState(recipe=None, model="b/03-width", reference="b/01-finetune", artifacts={"onnx": Path("b/04-onnx")})
     config = ValidateConfig(reference="ref=torch-bf16:{reference}", data="beir",
                             backends=["c=torch-bf16:{model}", "o=onnx:{onnx}", "g=gptq-bf16:{gptq}"])
-    reference, backends, absent = build_backend_specs(config, state, steps)
-    assert reference == "ref=torch-bf16:b/01-finetune"
-    assert backends == ["c=torch-bf16:b/03-width", "o=onnx:b/04-onnx"] and absent == {"g"}
+    filled, absent = build_validation(config, state, steps)
+    assert filled.reference == "ref=torch-bf16:b/01-finetune" and filled.fidelity_to is None
+    assert filled.backends == ["c=torch-bf16:b/03-width", "o=onnx:b/04-onnx"] and absent == {"g"}
     # no placeholder: the build's defaults (reference, compressed fp32 + bf16, every export built)
-    reference, backends, absent = build_backend_specs(ValidateConfig(reference="torch:x", data="beir"), state, steps)
-    assert reference == "reference=torch:b/01-finetune" and "onnx=onnx:b/04-onnx" in backends
-    assert absent == {"onnx-int4", "gptq"}
+    filled, absent = build_validation(ValidateConfig(reference="torch:x", data="beir"), state, steps)
+    assert filled.reference == "reference=torch:b/01-finetune" and "onnx=onnx:b/04-onnx" in filled.backends
+    assert filled.fidelity_to == "compressed" and absent == {"onnx-int4", "gptq"}
     with pytest.raises(EffirError, match="names '\\{gptqq\\}'; a build fills in"):
-        build_backend_specs(config.model_copy(update={"backends": ["g=gptq:{gptqq}"]}), state, steps)
+        build_validation(config.model_copy(update={"backends": ["g=gptq:{gptqq}"]}), state, steps)
 
 
 SLOW_STEP = """
