@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random models of every supported family, a character-level tokenizer, the
-real packaged models (session-scoped; loading SmolLM2 costs seconds) and the shared BEIR data."""
+real packaged models (session-scoped; loading SmolLM2 costs seconds). Data: effir_export.paths.DATA_DIR."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("EFFIR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -25,6 +24,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", hidden_size=32, intermediate_size=40, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
                   max_position_embeddings=128),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                   vocab_size=128, max_position_embeddings=128, sliding_window=4, use_bidirectional_attention=True,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
     "bert": dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                  num_attention_heads=4, vocab_size=128, max_position_embeddings=128),
 }
@@ -87,13 +90,6 @@ def minilm():
     from effir_export.models.sources import load_model
 
     return load_model("minilm-l6")
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA} (set EFFIR_SHARED_DATA)")
-    return SHARED_DATA
 
 
 TEXTS = [

@@ -89,3 +89,40 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_char_tokenizer_is_deterministic():
     tok = char_tokenizer()
     assert tok(["ab"])["input_ids"] == [[14, 15]]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_gemma3_masks_equal_transformers_own(bidirectional):
+    """The traceable masks give the backbone exactly the output of transformers' own mask builder,
+    sliding window and padding included (window 4 < sequence 6, so the window matters)."""
+    from effir_export.models.adapters.gemma3 import Gemma3FamilyAdapter
+
+    cfg = dict(TINY_CONFIGS["gemma3"], use_bidirectional_attention=bidirectional)
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    backbone = AutoModel.from_config(config).eval()
+    ids, mask = _inputs()
+    masks = Gemma3FamilyAdapter().attention_mask(backbone.config, mask, torch.float32)
+    with torch.no_grad():
+        want = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = backbone(input_ids=ids, attention_mask=masks).last_hidden_state
+    valid = mask.bool()
+    assert torch.allclose(want[valid], got[valid], atol=1e-5)
+    window = masks["sliding_attention"][0, 0]
+    assert (window == 0).sum() < (masks["full_attention"][0, 0] == 0).sum()  # the window hides some keys
+
+
+def test_gemma3_config_round_trips_its_sliding_window():
+    from transformers import AutoConfig
+
+    from effir_export.models.adapters.gemma3 import Gemma3FamilyAdapter
+
+    cfg = dict(TINY_CONFIGS["gemma3"], sliding_window=512)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    assert config.sliding_window == 257  # transformers: exclusive half-window for bidirectional attention
+    stored = Gemma3FamilyAdapter().storable_config(config)
+    rebuilt = AutoConfig.for_model(stored.pop("model_type"), **stored)
+    assert rebuilt.sliding_window == config.sliding_window

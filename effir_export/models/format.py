@@ -98,7 +98,7 @@ class EffirModel(PreTrainedModel):
     def wrap(cls, backbone: torch.nn.Module, embedding: EmbeddingConfig, provenance: dict | None = None) -> "EffirModel":
         """Wrap a freshly loaded Hugging Face base model (every sublayer present)."""
         adapter = adapter_for_model_type(backbone.config.model_type)
-        base = backbone.config.to_dict()
+        base = adapter.storable_config(backbone.config)
         for key in ("_name_or_path", "transformers_version", "architectures", "quantization_config"):
             base.pop(key, None)
         width = adapter.intermediate_size(backbone.config)
@@ -133,7 +133,9 @@ class EffirModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        masks = self.adapter.attention_mask(self.backbone.config, attention_mask, dtype)
+        out = self.backbone(input_ids=input_ids, attention_mask=masks, use_cache=False, **kwargs)
         return out.last_hidden_state
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

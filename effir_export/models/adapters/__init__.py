@@ -4,9 +4,10 @@ from __future__ import annotations
 from ...errors import UnsupportedArchitectureError
 from .base import FamilyAdapter, SublayerKind, SublayerObserver
 from .bert import BertFamilyAdapter
+from .gemma3 import Gemma3FamilyAdapter
 from .llama import LlamaFamilyAdapter
 
-_ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamilyAdapter(), BertFamilyAdapter())
+_ADAPTERS: tuple[FamilyAdapter, ...] = (LlamaFamilyAdapter(), Gemma3FamilyAdapter(), BertFamilyAdapter())
 _BY_MODEL_TYPE = {mt: a for a in _ADAPTERS for mt in a.model_types}
 _BY_NAME = {a.name: a for a in _ADAPTERS}
 

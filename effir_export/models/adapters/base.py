@@ -73,6 +73,15 @@ class FamilyAdapter(ABC):
     def intermediate_size(self, config) -> int:
         return int(config.intermediate_size)
 
+    def attention_mask(self, config, attention_mask: torch.Tensor, dtype: torch.dtype):
+        """What the backbone's ``attention_mask`` argument gets: the padding mask as it is (the backbone
+        builds its own masks), or ready masks where the family's own builder does not trace to ONNX."""
+        return attention_mask
+
+    def storable_config(self, config) -> dict:
+        """The backbone config as a dict that rebuilds the same config (``AutoConfig.for_model(**dict)``)."""
+        return config.to_dict()
+
     # --- generic operations built on the layout -------------------------------------------------
     def prepare(self, backbone: nn.Module) -> None:
         """Turn every layer into its skippable subclass (idempotent; weights untouched)."""
