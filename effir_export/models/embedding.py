@@ -2,16 +2,38 @@
 shared by every backend (PyTorch, ONNX Runtime, Triton's tokenizer model)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Pooling = Literal["last", "mean", "cls"]
+Pooling = Literal["last", "mean", "cls", "max", "mean_sqrt_len"]
 TextKind = Literal["query", "document"]
+Activation = Literal["identity", "tanh", "relu", "gelu", "sigmoid"]
+TITLE = "{title}"  # where a document prompt puts the document's title
+
+
+class Document(NamedTuple):
+    """A document with its title kept apart, so each model composes them its own way (see
+    :meth:`EmbeddingConfig.render`). A plain ``str`` is a document without a title."""
+
+    title: str
+    text: str
+
+
+Text = Union[str, Document]
+
+
+class DenseLayer(BaseModel):
+    """One sentence-transformers ``Dense`` module after pooling: ``activation(W x + b)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_features: int = Field(ge=1)
+    out_features: int = Field(ge=1)
+    bias: bool = True
+    activation: Activation = "identity"
 
 
 class EmbeddingConfig(BaseModel):
@@ -19,13 +41,18 @@ class EmbeddingConfig(BaseModel):
 
     ```yaml
     embedding:
-      pooling: last            # last | mean | cls
+      pooling: last            # last | mean | cls | max | mean_sqrt_len
       query_prompt: "Instruct: Given a web search query, retrieve relevant passages\\nQuery: "
-      document_prompt: ""
+      document_prompt: "title: {title} | text: "   # {title}: the document's title, or missing_title
+      missing_title: none
       normalize: true
       max_length: 512
       append_eos: true         # decoders: read the state of an appended EOS token
+      dimensions: 256          # Matryoshka: keep the first 256 dimensions (re-normalised)
     ```
+    ``dense`` lists the sentence-transformers Dense modules applied after pooling (read from the model
+    folder; their weights live in the model). Without ``{title}`` in the document prompt a title is
+    joined to the text with a space.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -33,12 +60,36 @@ class EmbeddingConfig(BaseModel):
     pooling: Pooling = "last"
     query_prompt: str = ""
     document_prompt: str = ""
+    missing_title: str = "none"
     normalize: bool = True
     max_length: int = Field(512, ge=2)
     append_eos: bool = False
+    dense: list[DenseLayer] = []
+    dimensions: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _dimensions_fit(self) -> "EmbeddingConfig":
+        if self.dimensions is not None and self.dense and self.dimensions > self.dense[-1].out_features:
+            raise ValueError(f"dimensions {self.dimensions} exceeds the model's output size "
+                             f"{self.dense[-1].out_features}; pick at most that")
+        return self
 
     def prompt(self, kind: TextKind | None) -> str:
         return {"query": self.query_prompt, "document": self.document_prompt, None: ""}[kind]
+
+    def render(self, item: Text, kind: TextKind | None) -> str:
+        """The exact string the tokenizer sees: prompt, then the (titled) text."""
+        title, text = (item.title.strip(), item.text) if isinstance(item, Document) else ("", item)
+        prompt = self.prompt(kind)
+        if TITLE in prompt:
+            return prompt.replace(TITLE, title or self.missing_title) + text
+        if title:
+            return prompt + " ".join(filter(None, [title, text.strip()]))
+        return prompt + text
+
+    def output_dim(self, hidden_size: int) -> int:
+        """Size of the final embedding."""
+        return self.dimensions or (self.dense[-1].out_features if self.dense else hidden_size)
 
 
 class EmbeddingOverride(BaseModel):
@@ -49,55 +100,22 @@ class EmbeddingOverride(BaseModel):
     pooling: Pooling | None = None
     query_prompt: str | None = None
     document_prompt: str | None = None
+    missing_title: str | None = None
     normalize: bool | None = None
     max_length: int | None = Field(None, ge=2)
     append_eos: bool | None = None
+    dimensions: int | None = Field(None, ge=1)
 
     def apply(self, base: EmbeddingConfig) -> EmbeddingConfig:
-        return base.model_copy(update=self.model_dump(exclude_none=True))
+        return EmbeddingConfig(**{**base.model_dump(), **self.model_dump(exclude_none=True)})
 
 
-def sentence_transformers_settings(folder: Path) -> dict:
-    """Pooling, normalisation, max length and prompts from a sentence-transformers folder (or {})."""
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return {}
-    settings: dict = {}
-    modules = json.loads(modules_file.read_text())
-    settings["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
-    for module in modules:
-        if module.get("type", "").endswith("Pooling"):
-            pooling_file = folder / module.get("path", "") / "config.json"
-            if pooling_file.is_file():
-                cfg = json.loads(pooling_file.read_text())
-                if cfg.get("pooling_mode_lasttoken"):
-                    settings["pooling"] = "last"
-                elif cfg.get("pooling_mode_cls_token"):
-                    settings["pooling"] = "cls"
-                elif cfg.get("pooling_mode_mean_tokens"):
-                    settings["pooling"] = "mean"
-    sbert = folder / "sentence_bert_config.json"
-    if sbert.is_file():
-        max_len = json.loads(sbert.read_text()).get("max_seq_length")
-        if max_len:
-            settings["max_length"] = int(max_len)
-    st_config = folder / "config_sentence_transformers.json"
-    if st_config.is_file():
-        prompts = json.loads(st_config.read_text()).get("prompts") or {}
-        if "query" in prompts:
-            settings["query_prompt"] = prompts["query"]
-        for key in ("document", "passage", "corpus"):
-            if key in prompts:
-                settings["document_prompt"] = prompts[key]
-                break
-    return settings
-
-
-def tokenize_texts(tokenizer, texts: list[str], settings: EmbeddingConfig, kind: TextKind | None) -> list[list[int]]:
-    """Token ids per text: prompt prepended, truncated to ``max_length`` (room left for EOS when appended)."""
-    prompt = settings.prompt(kind)
+def tokenize_texts(tokenizer, texts: list[Text], settings: EmbeddingConfig, kind: TextKind | None) -> list[list[int]]:
+    """Token ids per text: prompt (and title) composed by :meth:`EmbeddingConfig.render`, truncated to
+    ``max_length`` (room left for EOS when appended)."""
     budget = settings.max_length - (1 if settings.append_eos else 0)
-    encoded = tokenizer([prompt + t for t in texts], truncation=True, max_length=budget, padding=False)["input_ids"]
+    rendered = [settings.render(t, kind) for t in texts]
+    encoded = tokenizer(rendered, truncation=True, max_length=budget, padding=False)["input_ids"]
     if settings.append_eos:
         eos = tokenizer.eos_token_id
         encoded = [ids + [eos] for ids in encoded]
@@ -119,9 +137,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling, n
     """Pool token states [B, T, H] to [B, H]. ``last`` takes the last non-padding position (left or
     right padding). Written with plain tensor ops so it exports to ONNX unchanged."""
     mask = attention_mask.to(hidden.dtype)
-    if pooling == "mean":
+    if pooling in ("mean", "mean_sqrt_len"):
         summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
-        pooled = summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        pooled = summed / (count if pooling == "mean" else count.sqrt())
+    elif pooling == "max":
+        pooled = hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     elif pooling == "cls":
         pooled = hidden[:, 0]
     else:

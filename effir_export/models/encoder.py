@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .embedding import EmbeddingConfig, TextKind, pad_batch, pool, tokenize_texts
+from .embedding import EmbeddingConfig, Text, TextKind, pad_batch, tokenize_texts
 from .format import EffirModel
 
 
@@ -18,7 +18,7 @@ class EmbeddingBackend(Protocol):
 
     settings: EmbeddingConfig
 
-    def encode(self, texts: list[str], kind: TextKind | None = None, batch_size: int | None = None,
+    def encode(self, texts: list[Text], kind: TextKind | None = None, batch_size: int | None = None,
                desc: str = "encoding") -> np.ndarray: ...
 
 
@@ -47,11 +47,11 @@ class Encoder:
         self.batch_size = batch_size
         self.progress_threshold = progress_threshold
 
-    def encode(self, texts: list[str], kind: TextKind | None = None, batch_size: int | None = None,
+    def encode(self, texts: list[Text], kind: TextKind | None = None, batch_size: int | None = None,
                desc: str = "encoding") -> np.ndarray:
         """Embeddings [len(texts), hidden] as float32 numpy, in input order."""
         if not texts:
-            return np.zeros((0, self.model.config.base_config["hidden_size"]), dtype=np.float32)
+            return np.zeros((0, self.settings.output_dim(self.model.config.base_config["hidden_size"])), dtype=np.float32)
         ids = tokenize_texts(self.tokenizer, list(texts), self.settings, kind)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         size = batch_size or self.batch_size
@@ -62,9 +62,9 @@ class Encoder:
             for start in bar:
                 rows = order[start:start + size]
                 input_ids, mask = pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id)
-                hidden = self.model(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask).to(self.device))
-                pooled = pool(hidden.float(), torch.from_numpy(mask).to(self.device), self.settings.pooling,
-                              self.settings.normalize).cpu().numpy()
+                mask_t = torch.from_numpy(mask).to(self.device)
+                pooled = self.model.embed(torch.from_numpy(input_ids).to(self.device), mask_t, self.settings)
+                pooled = pooled.cpu().numpy()
                 for row, vector in zip(rows, pooled):
                     out[row] = vector
         return np.stack(out).astype(np.float32)

@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from ..errors import ModelSourceError, StructureError
+from ..outputs import make_folders, remove_empty
 from .adapters import FamilyAdapter, adapter_by_name, adapter_for_model_type
-from .embedding import EmbeddingConfig, pool
+from .embedding import EmbeddingConfig
+from .head import EmbeddingHead
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -74,7 +76,8 @@ class EffirConfig(PretrainedConfig):
 class EffirModel(PreTrainedModel):
     """Backbone (a Hugging Face base model with skippable layers) + embedding settings.
 
-    ``forward`` returns token states; :meth:`embed` returns pooled (normalised) sentence embeddings.
+    ``forward`` returns token states; :meth:`embed` returns sentence embeddings (pooling, the
+    sentence-transformers Dense layers in :attr:`head`, normalisation, Matryoshka truncation).
     """
 
     config_class = EffirConfig
@@ -89,6 +92,7 @@ class EffirModel(PreTrainedModel):
         if backbone is None:
             backbone = AutoModel.from_config(config.backbone_config())
         self.backbone = backbone
+        self.head = EmbeddingHead(config.embedding_config.dense)
         self.adapter.prepare(self.backbone)
         apply_structure(self.adapter, self.backbone, config.layer_specs)
         self.post_init()
@@ -138,12 +142,17 @@ class EffirModel(PreTrainedModel):
         out = self.backbone(input_ids=input_ids, attention_mask=masks, use_cache=False, **kwargs)
         return out.last_hidden_state
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        settings = self.embedding_config
-        return pool(self.forward(input_ids, attention_mask), attention_mask, settings.pooling, settings.normalize)
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              settings: EmbeddingConfig | None = None) -> torch.Tensor:
+        """Sentence embeddings [batch, dim] in fp32 (``settings`` default: the model's own)."""
+        return self.head(self.forward(input_ids, attention_mask), attention_mask, settings or self.embedding_config)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_config.output_dim(int(self.config.base_config["hidden_size"]))
 
     def _init_weights(self, module):  # weights always come from a checkpoint or a wrapped backbone
-        if hasattr(self.backbone, "_init_weights"):
+        if hasattr(self.backbone, "_init_weights") and not any(module is m for m in self.head.modules()):
             self.backbone._init_weights(module)
 
 
@@ -165,7 +174,7 @@ def apply_structure(adapter: FamilyAdapter, backbone: torch.nn.Module, specs: li
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temp dir beside ``target``; on success it replaces ``target``, on error it is removed."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = make_folders(target.parent)  # removed again if nothing is written
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -184,6 +193,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise
 
 

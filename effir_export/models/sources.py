@@ -19,13 +19,15 @@ import torch
 
 from ..errors import ModelSourceError
 from .adapters import adapter_for_model_type
-from .embedding import EmbeddingConfig, sentence_transformers_settings
+from .embedding import EmbeddingConfig
 from .fetch import CHUNKED_MODELS, require_fetched
 from .format import EffirModel, is_effir_folder, load_effir_model, save_model
+from .sentence_transformers import dense_weights, sentence_transformers_settings
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,19 @@ def hash_files(paths: list[Path], chunk: int = 1 << 22) -> str:
 
 
 def load_model(source: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load ``source`` (folder, GGUF, alias or cached hub id) as an :class:`EffirModel`."""
+    """Load ``source`` (folder, GGUF, alias or cached hub id) as an :class:`EffirModel`. Files that do
+    not load (truncated or corrupt weights, config or tokenizer) are a :class:`ModelSourceError`."""
+    from safetensors import SafetensorError
+
+    try:
+        return _resolve_model(source, dtype)
+    except (SafetensorError, OSError, ValueError) as exc:  # EffirErrors are not ValueErrors: they pass
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelSourceError(f"model '{source}' does not load: {first} ({type(exc).__name__}); its files are "
+                               "truncated or corrupt: copy or re-export the model") from exc
+
+
+def _resolve_model(source: str | Path, dtype: torch.dtype | None) -> LoadedModel:
     text = str(source)
     path = Path(text).expanduser()
     tried: list[str] = []
@@ -152,13 +166,18 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, embedding_defaults: di
             f"`python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{folder}').save_pretrained('{folder}-st')\"` "
             "in a trusted environment"
         )
+    settings = {"pooling": adapter.default_pooling, "append_eos": adapter.is_decoder}
+    settings.update(embedding_defaults)
+    settings.update(sentence_transformers_settings(folder))  # before the weights: an unknown module fails fast
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(f"'{folder}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                               "tokenizer files into the folder")
     backbone = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False, local_files_only=True,
                                          dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    settings = {"pooling": adapter.default_pooling, "append_eos": adapter.is_decoder}
-    settings.update(embedding_defaults)
-    settings.update(sentence_transformers_settings(folder))
     model = EffirModel.wrap(backbone, EmbeddingConfig(**settings), provenance={"source": str(folder)})
+    model.head.load_state_dict(dense_weights(folder), strict=True)
+    model.head.to(backbone.dtype)
     return LoadedModel(model.eval(), _tokenizer(tokenizer, model), str(folder))
 
 

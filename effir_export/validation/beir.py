@@ -13,6 +13,7 @@ import numpy as np
 import pytrec_eval
 
 from ..errors import EffirError
+from ..models.embedding import Document
 from ..models.sources import hash_files
 from .config import SliceConfig
 
@@ -29,7 +30,7 @@ class BeirData:
 
     path: Path
     corpus_ids: list[str]
-    corpus_texts: list[str]
+    corpus_texts: list[Document]
     query_ids: list[str]
     query_texts: list[str]
     qrels: dict[str, dict[str, int]]
@@ -43,8 +44,9 @@ class BeirData:
 
 
 def load_beir(folder: str | Path, split: str = "test") -> BeirData:
-    """Read a BEIR folder; only judged queries are kept (as BEIR does). Document text is
-    ``title + " " + text``. Fails clearly on missing files, bad lines and dangling judgments."""
+    """Read a BEIR folder; only judged queries are kept (as BEIR does). Documents keep title and text
+    apart (:class:`Document`); each model's embedding settings compose them. Fails clearly on missing
+    files, bad lines and dangling judgments."""
     folder = Path(folder)
     files = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl",
              "qrels": folder / "qrels" / f"{split}.tsv"}
@@ -54,9 +56,11 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
         if not path.is_file():
             raise DatasetError(f"BEIR folder '{folder}' has no {path.relative_to(folder)}; a BEIR folder needs "
                                f"corpus.jsonl, queries.jsonl and qrels/{split}.tsv")
-    corpus = {row["_id"]: " ".join(filter(None, [row.get("title", "").strip(), row.get("text", "").strip()]))
-              for row in _jsonl(files["corpus"])}
+    corpus = {row["_id"]: Document(str(row.get("title") or ""), row["text"]) for row in _jsonl(files["corpus"])}
     queries = {row["_id"]: row["text"] for row in _jsonl(files["queries"])}
+    if empty := [q for q, text in queries.items() if not text.strip()]:
+        raise DatasetError(f"{files['queries']}: {len(empty)} quer(ies) have empty text (first: '{empty[0]}'); "
+                           "fill them in or remove them and their qrels")
     qrels = _read_qrels(files["qrels"])
     missing_docs = sorted({d for docs in qrels.values() for d in docs if d not in corpus})
     if missing_docs:
