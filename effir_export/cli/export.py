@@ -24,8 +24,9 @@ def register(group: click.Group) -> None:
               help="Recipe whose onnx: section (and embedding: overrides) give the defaults.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Graph precision (fp16/bf16 for GPU runtimes; norms, softmax and the L2 norm stay fp32).")
-@click.option("--weights", type=click.Choice(["float", "int4"]), default=None,
-              help="int4: 4-bit weight-only MatMulNBits graph.")
+@click.option("--weights", type=click.Choice(["float", "int4", "int8"]), default=None,
+              help="int4: 4-bit weight-only MatMulNBits graph; int8: dynamic int8 (ONNX Runtime on CPUs, "
+                   "MatMulInteger; per-channel weights).")
 @click.option("--method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None, help="4-bit method.")
 @click.option("--block-size", type=int, default=None, help="4-bit block size (power of two, >= 16).")
 @click.option("--symmetric/--asymmetric", default=None, help="4-bit: symmetric blocks, or a zero point per block.")
@@ -44,8 +45,10 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
     """
     from ..export.onnx import export_onnx
     from ..models.sources import load_model
+    from ..outputs import check_output_path
     from ..recipe import RECIPES_DIR, load_recipe
 
+    check_output_path(out, [model])
     recipe = load_recipe(recipe_path) if recipe_path else None
     config = build_config(recipe.onnx if recipe else None, precision=precision, token_states=token_states,
                           opset=opset, weights=weights, method=method, block_size=block_size, symmetric=symmetric)
@@ -60,14 +63,14 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
     check = json.loads((folder / "export_check.json").read_text())
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     click.echo(f"wrote {folder}/model.onnx ({size / 1e6:.1f} MB, {config.precision}, "
-               f"{'int4 ' + config.int4.method if config.int4 else 'float weights'})")
+               f"{'int4 ' + config.int4.method if config.int4 else 'int8 dynamic' if config.int8 else 'float weights'})")
     click.echo(format_check(check))
 
 
 def build_config(base, weights: str | None, method: str | None, block_size: int | None, symmetric: bool | None,
                  **overrides):
     """The recipe's ``onnx:`` section (or the defaults) with the command-line options applied; a recipe
-    ``int4:`` section means int4 unless ``--weights float``."""
+    ``int4:`` (``int8:``) section means int4 (int8) unless ``--weights`` says otherwise."""
     from pydantic import ValidationError
 
     from ..export.onnx import OnnxExportConfig
@@ -77,12 +80,16 @@ def build_config(base, weights: str | None, method: str | None, block_size: int 
     data.update({k: v for k, v in overrides.items() if v is not None})
     int4_options = {k: v for k, v in {"method": method, "block_size": block_size, "symmetric": symmetric}.items()
                     if v is not None}
-    if weights == "float":
+    if weights in ("float", "int8"):
         data["int4"] = None
     elif weights == "int4" or data["int4"] is not None:
         data["int4"] = {**(data["int4"] or {}), **int4_options}
         if "method" in int4_options and "symmetric" not in int4_options:
             data["int4"]["symmetric"] = None  # the method's own default
+    if weights in ("float", "int4"):
+        data["int8"] = None
+    elif weights == "int8":
+        data["int8"] = data["int8"] or {}
     if int4_options and data["int4"] is None:
         raise click.UsageError("--method/--block-size/--symmetric apply to --weights int4 only")
     try:

@@ -49,6 +49,7 @@ THRESHOLDS: dict[tuple[str, str], tuple[float, float | None]] = {
     ("fp16", "float"): (0.999, None),
     ("bf16", "float"): (0.99, None),
     ("fp32", "int4"): (0.9999, None),  # against the dequantised weights (accuracy_level 4 quantises activations)
+    ("fp32", "int8"): (0.99, None),  # dynamic int8 (weights and activations) against the fp32 model
 }
 INT4_FIDELITY_FLOOR = 0.5  # min cosine to the float model below which a 4-bit graph is broken, not just lossy
 

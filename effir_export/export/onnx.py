@@ -25,11 +25,11 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import EffirError
-from ..models.embedding import pool
 from ..models.format import EffirModel, atomic_directory
 from ..models.sources import LoadedModel
 from ..schema import StrictModel
 from .int4 import Int4Config
+from .ort_int8 import OrtInt8Config
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class OnnxExportConfig(StrictModel):
         method: gptq           # rtn | hqq | gptq
         block_size: 32
         symmetric: true
+      int8:                    # optional: dynamic int8 for ONNX Runtime on CPUs (see OrtInt8Config)
+        per_channel: true
     ```
     """
 
@@ -65,18 +67,20 @@ class OnnxExportConfig(StrictModel):
     precision: Precision = "fp32"
     token_states: bool = False
     int4: Int4Config | None = None
+    int8: OrtInt8Config | None = None
 
 
 class Pooler(nn.Module):
-    """Pooling + L2 normalisation in fp32 (its own module so its graph nodes are named ``/pooler/...``)."""
+    """The model's embedding head (pooling, Dense layers, normalisation, truncation) under its own name, so
+    its graph nodes are ``/pooler/...`` and stay fp32 in 16-bit graphs."""
 
-    def __init__(self, pooling: str, normalize: bool):
+    def __init__(self, model: EffirModel):
         super().__init__()
-        self.pooling = pooling
-        self.normalize = normalize
+        self.head = model.head
+        self.settings = model.embedding_config
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return pool(hidden.float(), attention_mask, self.pooling, self.normalize)
+        return self.head(hidden, attention_mask, self.settings)
 
 
 class EmbeddingGraph(nn.Module):
@@ -85,9 +89,8 @@ class EmbeddingGraph(nn.Module):
 
     def __init__(self, model: EffirModel, token_states: bool = False):
         super().__init__()
-        settings = model.embedding_config
         self.model = model
-        self.pooler = Pooler(settings.pooling, settings.normalize)
+        self.pooler = Pooler(model)
         self.token_states = token_states
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -104,12 +107,16 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
                 calibration: Path | None = None) -> Path:
     """Export ``loaded`` to ``out_dir`` (atomically), convert precision / quantise as configured, and run
     the mandatory ONNX Runtime vs PyTorch check. Returns the folder."""
+    from ..artifacts import record_file_hashes
     from .check import run_export_check
 
     out_dir = Path(out_dir)
     if config.int4 is not None and config.precision != "fp32":
         raise ExportError("--weights int4 needs --precision fp32 (MatMulNBits keeps fp32 activations on CPU); "
                           "drop --precision or --weights int4")
+    if config.int8 is not None and (config.int4 is not None or config.precision != "fp32"):
+        raise ExportError("--weights int8 quantises an fp32 graph and excludes int4; drop --precision/--weights int4 "
+                          "(or the recipe's int4: section)")
     with atomic_directory(out_dir) as tmp:
         graph = tmp / GRAPH_NAME
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:  # the exporter's own files (per-tensor data if huge)
@@ -127,17 +134,24 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
 
             proto = quantize_int4(proto, loaded, config.int4, calibration)
             method = config.int4.method
+        int8 = None
+        if config.int8 is not None:
+            from .ort_int8 import quantize_int8, resolved_int8
+
+            int8 = resolved_int8(config.int8)
+            proto = quantize_int8(proto, int8, loaded.model)
         save_graph(proto, graph)
         loaded.tokenizer.save_pretrained(tmp)
         meta = {
             "embedding": loaded.embedding.model_dump(),
             "precision": config.precision,
-            "weights": "int4" if config.int4 is not None else "float",
+            "weights": "int4" if config.int4 is not None else "int8" if int8 is not None else "float",
             "method": method,
             "int4": config.int4.model_dump() if config.int4 is not None else None,
+            "int8": int8.model_dump() if int8 is not None else None,
             "inputs": INPUTS,
             "outputs": output_names(config),
-            "embedding_dim": int(loaded.model.config.base_config["hidden_size"]),
+            "embedding_dim": loaded.model.embedding_dim,
             "source": loaded.source,
             "source_fingerprint": loaded.fingerprint(),
             "opset": config.opset,
@@ -146,6 +160,7 @@ def export_onnx(loaded: LoadedModel, config: OnnxExportConfig, out_dir: str | Pa
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
         run_export_check(tmp, loaded)
+        record_file_hashes(tmp, "onnx")  # last: what consumers verify before use
     return out_dir
 
 
@@ -229,11 +244,12 @@ def count_matmuls(proto: onnx.ModelProto, scopes: list[str]) -> dict:
 
 def expected_matmuls(model: EffirModel) -> dict:
     """What the current structure implies: one weight MatMul per Linear inside each layer (a removed
-    sublayer holds none), two activation MatMuls (QK^T, AV) per layer that has attention."""
+    sublayer holds none), two activation MatMuls (QK^T, AV) per layer that has attention, and one per
+    Dense layer of the embedding head."""
     per_layer = [{"weight": sum(isinstance(m, nn.Linear) for m in layer.modules()),
                   "activation": 2 * int(spec.attention)}
                  for layer, spec in zip(model.layers, model.current_layer_specs())]
-    return {"layers": per_layer, "weight_total": sum(c["weight"] for c in per_layer)}
+    return {"layers": per_layer, "weight_total": sum(c["weight"] for c in per_layer) + len(model.head.dense)}
 
 
 def check_structure(proto: onnx.ModelProto, model: EffirModel) -> dict:
