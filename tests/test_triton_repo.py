@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TEXTS, tiny_loaded
+from effir_export.artifacts import record_file_hashes
 from effir_export.cli import main
 from effir_export.export.onnx import OnnxExportConfig, export_onnx
-from effir_export.models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
+from effir_export.models.embedding import Document, EmbeddingConfig, pad_batch, tokenize_texts
 from effir_export.serve.triton import (TritonConfig, TritonRepositoryError, load_model_config, write_tokenizer_model,
                                        write_triton_repository)
 
@@ -50,8 +51,8 @@ def test_cpu_repository_layout_and_configs(tiny_export, extras, tmp_path):
     tok, enc, ens = cfg["effir_tokenizer"], cfg["effir_encoder"], cfg["effir"]
     # tokenizer: python backend, raw text + kind in, token ids with variable length out
     assert tok.backend == "python" and tok.max_batch_size == 16
-    assert [(i.name, i.data_type, list(i.dims)) for i in tok.input] == [("TEXT", mc.TYPE_STRING, [1]),
-                                                                        ("KIND", mc.TYPE_STRING, [1])]
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in tok.input] == [
+        ("TEXT", mc.TYPE_STRING, [1], False), ("KIND", mc.TYPE_STRING, [1], False), ("TITLE", mc.TYPE_STRING, [1], True)]
     assert [(o.name, o.data_type, list(o.dims)) for o in tok.output] == [("input_ids", mc.TYPE_INT64, [-1]),
                                                                          ("attention_mask", mc.TYPE_INT64, [-1])]
     # encoder: python backend running ONNX Runtime, dynamic batching over ragged sequence lengths
@@ -85,6 +86,7 @@ def test_gpu_flavour_uses_onnxruntime_backend_tensorrt_accelerator_and_plans(tin
     for profile, max_batch in (("query", 128), ("document", 8)):
         (engines / f"{profile}.plan").write_bytes(b"serialized engine bytes")  # copied verbatim, never parsed here
         (engines / f"{profile}.json").write_text(json.dumps({"shapes": {"input_ids": {"max": [max_batch, 64]}}}))
+    record_file_hashes(engines, "tensorrt")  # as build_engines does: repositories take only recorded engines
     config = TritonConfig(flavour="gpu", tensorrt=True, max_batch_size=32, pad_to_multiple=16)
     repo = write_triton_repository(tiny_export, config, tmp_path / "repo", engines=engines)
     cfg = configs(repo)
@@ -124,18 +126,27 @@ def assert_tokenizer_model_agrees(tokenizer, settings: EmbeddingConfig, folder, 
     version = write_tokenizer_model(folder / "model", folder / "tok", meta, TritonConfig(), mc)
     model = load_tokenizer_model(version, monkeypatch)
     texts = TEXTS + [LONG, "ünïcödé — text"]
+    titles = ["a title", ""] * (len(texts) // 2) + [" title"] * (len(texts) % 2)
     for kind in ("query", "document"):
         expected = tokenize_texts(tokenizer, texts, settings, kind)
-        got = model.encode(texts, [kind] * len(texts))
+        got = model.encode(texts, [kind] * len(texts), [""] * len(texts))
         assert got == expected
         for a, b in zip(model.pad(got), pad_batch(expected, model.settings["pad_id"])):
             np.testing.assert_array_equal(a, b)
     assert max(len(ids) for ids in got) == settings.max_length  # truncation happened, EOS kept
+    titled = tokenize_texts(tokenizer, [Document(t, x) for t, x in zip(titles, texts)], settings, "document")
+    assert model.encode(texts, ["document"] * len(texts), titles) == titled != expected
 
 
 def test_tokenizer_model_matches_tokenize_texts_on_a_decoder_with_eos(tmp_path, monkeypatch):
     loaded = tiny_loaded("llama", query_prompt="q: ", document_prompt="d: ", max_length=40)
     assert loaded.embedding.append_eos
+    assert_tokenizer_model_agrees(loaded.tokenizer, loaded.embedding, tmp_path, monkeypatch)
+
+
+def test_tokenizer_model_fills_a_title_slot_like_tokenize_texts(tmp_path, monkeypatch):
+    loaded = tiny_loaded("gemma3", query_prompt="task: search | query: ", document_prompt="title: {title} | text: ",
+                         max_length=40)
     assert_tokenizer_model_agrees(loaded.tokenizer, loaded.embedding, tmp_path, monkeypatch)
 
 
@@ -177,7 +188,8 @@ def test_cli_writes_the_repository(tiny_export, tmp_path):
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(tiny_export, tmp_path):
-    result = CliRunner().invoke(main, ["triton", str(tmp_path), "--out", str(tmp_path / "repo")])
+    (tmp_path / "not-an-export").mkdir()
+    result = CliRunner().invoke(main, ["triton", str(tmp_path / "not-an-export"), "--out", str(tmp_path / "repo")])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "export onnx" in result.output
     assert not (tmp_path / "repo").exists()
     result = CliRunner().invoke(main, ["triton", str(tiny_export), "--out", str(tmp_path / "repo"), "--tensorrt"])

@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import TEXTS
+from effir_export.artifacts import record_file_hashes
 from effir_export.export.onnx import OnnxExportConfig, export_onnx
 from effir_export.runtime.ort import OrtEncoder
 from effir_export.serve.server import TritonServer, TritonServerError
@@ -88,6 +89,24 @@ def test_http_and_grpc_return_onnxruntime_embeddings(server, reference):
     assert cosines(as_query, as_doc)[0] < 0.999
 
 
+def test_optional_title_is_composed_as_the_harness_composes_it(server, export):
+    from effir_export.models.embedding import Document
+
+    titles = ["Paris", ""]
+    texts = ["the capital of France, on the Seine", "a text without a title"]
+    want = OrtEncoder.from_folder(export, providers=["cpu"]).encode(
+        [Document(t, x) for t, x in zip(titles, texts)], "document")
+    http = httpclient.InferenceServerClient(server.http_url, network_timeout=TIMEOUT_S)
+    inputs = text_inputs(httpclient, texts, ["document"] * 2)
+    title = np.array([[t.encode()] for t in titles], dtype=object).reshape(2, 1)
+    inputs.append(httpclient.InferInput("TITLE", [2, 1], "BYTES"))
+    inputs[-1].set_data_from_numpy(title)
+    served = http.infer("effir", inputs).as_numpy("embedding")
+    assert cosines(served, want).min() >= 0.9999
+    untitled = http.infer("effir", text_inputs(httpclient, texts[:1], ["document"])).as_numpy("embedding")
+    assert cosines(untitled, served[:1])[0] < 0.9999  # the title reached the model
+
+
 def encoder_stats(client) -> tuple[int, int]:
     stats = client.get_inference_statistics("effir_encoder")["model_stats"][0]
     return int(stats["inference_count"]), int(stats["execution_count"])
@@ -147,6 +166,7 @@ def test_bundled_server_parses_gpu_flavour_configs_and_lacks_only_their_backends
     engines = tmp_path / "engines"
     engines.mkdir()
     (engines / "query.plan").write_bytes(b"not loaded: the tensorrt backend is absent")
+    record_file_hashes(engines, "tensorrt")  # as build_engines does: repositories take only recorded engines
     repo = write_triton_repository(export, TritonConfig(flavour="gpu", tensorrt=True), tmp_path / "gpu", engines=engines)
     with pytest.raises(TritonServerError) as failure:
         TritonServer(repo).start()

@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..artifacts import record_file_hashes, verify_artifact
 from ..errors import EffirError
 from ..models.format import atomic_directory
 from ..schema import StrictModel
@@ -90,6 +91,7 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
     ``engines``: a folder of TensorRT ``<profile>.plan`` files (gpu flavour); ``recipe`` and
     ``report`` are copied beside each model version."""
     artifacts = Path(artifacts)
+    verify_artifact(artifacts, "onnx")  # fail closed: a truncated or edited export is refused here
     meta = read_export(artifacts)
     extras = [Path(p) for p in (recipe, report) if p is not None]
     for extra in extras:
@@ -115,10 +117,12 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
             "flavour": config.flavour, "config": config.model_dump(), "source": str(artifacts.resolve()),
             "embedding": meta["embedding"], "embedding_dim": dim, "precision": meta.get("precision"),
             "models": sorted(written), "ensemble": names["ensemble"],
-            "inputs": {"TEXT": "BYTES [batch, 1]", "KIND": "BYTES [batch, 1] (query | document)"},
+            "inputs": {"TEXT": "BYTES [batch, 1]", "KIND": "BYTES [batch, 1] (query | document)",
+                       "TITLE": "BYTES [batch, 1], optional (documents' titles)"},
             "outputs": {"embedding": f"FP32 [batch, {dim}]"},
         }
         (tmp / REPOSITORY_META).write_text(json.dumps(summary, indent=2))
+        record_file_hashes(tmp, "triton")
     return Path(out)
 
 
@@ -143,6 +147,7 @@ def find_plans(engines: str | Path, config: TritonConfig) -> list[Path]:
     plans = sorted(Path(engines).glob("*.plan"))
     if not plans:
         raise TritonRepositoryError(f"no *.plan files in '{engines}'; build them with `effir-export export tensorrt`")
+    verify_artifact(engines, "tensorrt")
     return plans
 
 
@@ -181,6 +186,7 @@ def tokenizer_settings(artifacts: Path, meta: dict, config: TritonConfig) -> dic
         raise TritonRepositoryError(f"'{artifacts}': append_eos is set but the tokenizer has no EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return {"query_prompt": embedding["query_prompt"], "document_prompt": embedding["document_prompt"],
+            "missing_title": embedding.get("missing_title", "none"),
             "max_length": embedding["max_length"], "append_eos": embedding["append_eos"],
             "eos_id": tokenizer.eos_token_id, "pad_id": pad_id, "truncation_side": tokenizer.truncation_side,
             "pad_to_multiple": config.pad_to_multiple}
@@ -199,6 +205,7 @@ def write_tokenizer_model(model_dir: Path, artifacts: Path, meta: dict, config: 
     cfg = mc.ModelConfig(name=model_dir.name, backend="python", max_batch_size=config.max_batch_size)
     add_tensor(cfg.input, mc, "TEXT", "TYPE_STRING", [1])
     add_tensor(cfg.input, mc, "KIND", "TYPE_STRING", [1])
+    add_tensor(cfg.input, mc, "TITLE", "TYPE_STRING", [1], optional=True)
     add_tensor(cfg.output, mc, "input_ids", "TYPE_INT64", [-1])
     add_tensor(cfg.output, mc, "attention_mask", "TYPE_INT64", [-1])
     cfg.instance_group.add(kind=instance_kind(config, mc, gpu_capable=False), count=config.instances)
@@ -254,9 +261,11 @@ def write_ensemble(model_dir: Path, dim: int, config: TritonConfig, mc) -> Path:
     cfg = mc.ModelConfig(name=model_dir.name, platform="ensemble", max_batch_size=config.max_batch_size)
     add_tensor(cfg.input, mc, "TEXT", "TYPE_STRING", [1])
     add_tensor(cfg.input, mc, "KIND", "TYPE_STRING", [1])
+    add_tensor(cfg.input, mc, "TITLE", "TYPE_STRING", [1], optional=True)
     add_tensor(cfg.output, mc, "embedding", "TYPE_FP32", [dim])
     steps = cfg.ensemble_scheduling.step
-    steps.add(model_name=names["tokenizer"], model_version=-1, input_map={"TEXT": "TEXT", "KIND": "KIND"},
+    steps.add(model_name=names["tokenizer"], model_version=-1,
+              input_map={"TEXT": "TEXT", "KIND": "KIND", "TITLE": "TITLE"},
               output_map={name: name for name in TOKEN_INPUTS})
     steps.add(model_name=names["encoder"], model_version=-1, input_map={name: name for name in TOKEN_INPUTS},
               output_map={"embedding": "embedding"})
