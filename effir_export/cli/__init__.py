@@ -24,23 +24,45 @@ COMMAND_MODULES = [
 
 
 class EffirGroup(click.Group):
-    """Turns errors into one line on stderr and a non-zero exit (full traceback with ``--debug``)."""
+    """Turns errors into one line on stderr and an exit code (full traceback with ``--debug``).
+
+    Exit codes: 0 success; 1 a validation gate failed; 2 bad input (an :class:`EffirError` or a usage
+    error: the line names the problem and the fix); 3 an internal error (a bug); 130 interrupted.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that turns exceptions into exit codes
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            from ..errors import EffirError
+            code, line = describe_error(exc)
+            click.echo(line, err=True)
+            ctx.exit(code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written is kept (rerun to continue)", err=True)
+            ctx.exit(130)
 
-            if isinstance(exc, EffirError):
-                click.echo(f"error: {exc}", err=True)
-                ctx.exit(exc.exit_code)
-            click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
-            ctx.exit(1)
+
+def describe_error(exc: Exception) -> tuple[int, str]:
+    """(exit code, the one line printed) for an exception that reached the CLI."""
+    from ..errors import EffirError
+
+    if isinstance(exc, click.UsageError):
+        command = exc.ctx.command_path if exc.ctx is not None else "effir-export"
+        return 2, f"error: {one_line(exc.format_message())} (see `{command} --help`)"
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code, f"error: {one_line(exc.format_message())}"
+    if isinstance(exc, EffirError):
+        return exc.exit_code, f"error: {one_line(str(exc))}"
+    return 3, (f"error: internal error (a bug in effir-export, please report it): {type(exc).__name__}: "
+               f"{one_line(str(exc))[:300]}; rerun with --debug for the traceback")
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 @click.group(cls=EffirGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
