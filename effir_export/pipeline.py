@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .compress.drop import check_drops
 from .errors import EffirError
 from .models.format import atomic_directory
 from .models.sources import hash_files, load_model
-from .recipe import Recipe
+from .outputs import make_folders, remove_empty
+from .recipe import Recipe, check_inputs
 
 MANIFEST = "manifest.json"
 
@@ -138,11 +140,24 @@ def remove_stale_temporaries(out: Path) -> None:
 
 def run_build(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str] = frozenset(),
               echo: Callable[[str], None] = print) -> list[StageOutcome]:
-    """Run ``steps`` in order under ``out``; returns one outcome per step."""
+    """Run ``steps`` in order under ``out``; returns one outcome per step. A build that fails before its
+    first stage is written leaves no ``out`` folder behind."""
     out = Path(out).resolve()  # stages hand folders to each other; a relative one would move with the reader
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_folders(out)
+    try:
+        return _run_steps(recipe, out, steps, force, echo)
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str],
+               echo: Callable[[str], None]) -> list[StageOutcome]:
+    check_inputs(recipe)
     remove_stale_temporaries(out)
     source = load_model(recipe.model.source)
+    if recipe.depth is not None:  # fail now, not after the stages before depth (structure is fixed until then)
+        check_drops(recipe.depth.drop, source.model)
     upstream = stage_key("source", {"model": recipe.model.model_dump(), "fingerprint": source.fingerprint()}, "")
     del source
     state = BuildState(recipe=recipe, model=recipe.model.source, reference=recipe.model.source)

@@ -5,6 +5,7 @@ paths inside a recipe are resolved against the recipe file's folder.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +71,35 @@ class Recipe(StrictModel):
         """A path from the recipe, relative to the recipe file's folder."""
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Raise when a file or folder the recipe names (training data, calibration text, validation data
+    and gates) does not exist, so a build fails before its first stage rather than in a later one."""
+    for key, path in input_paths(recipe).items():
+        if not path.exists():
+            raise RecipeError(f"{recipe.source_file or recipe.name}: {key} names '{path}', which does not exist; "
+                              "fix the path (relative paths are taken from the recipe's folder)")
+
+
+def input_paths(recipe: Recipe) -> dict[str, Path]:
+    """The input files and folders a recipe names, by dotted key, resolved against its folder."""
+    named: dict[str, str | None] = {}
+    for section in ("finetune", "width", "recovery"):
+        config = getattr(recipe, section)
+        if config is not None:
+            sources = config.data if isinstance(config.data, list) else [config.data]
+            named.update({f"{section}.data[{i}]" if len(sources) > 1 else f"{section}.data": source
+                          for i, source in enumerate(sources)})
+    if recipe.depth is not None:
+        named["depth.score.calibration"] = recipe.depth.score.calibration
+    if recipe.onnx is not None and recipe.onnx.int4 is not None and recipe.onnx.int4.method == "gptq":
+        named["onnx.int4.calibration"] = recipe.onnx.int4.calibration
+    if recipe.gptq is not None:
+        named["gptq.calibration"] = recipe.gptq.calibration
+    if recipe.validation is not None:
+        named.update({"validate.data": recipe.validation.data, "validate.gates": recipe.validation.gates})
+    return {key: recipe.resolve_path(os.path.expandvars(value)) for key, value in named.items() if value}
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:

@@ -27,10 +27,12 @@ def build(recipe_path, out, force) -> None:
     from ..build_steps import default_steps
     from ..build_summary import summarize, write_summary
     from ..pipeline import run_build
+    from ..outputs import check_output_path
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     folder = Path(out) if out else Path("build") / recipe.name
+    check_output_path(folder, [recipe.model.source], replaces=False)  # stages go below it, each replaced
     outcomes = run_build(recipe, folder, default_steps(), set(force), echo=lambda line: click.echo(line, err=True))
     summary = summarize(recipe, folder, outcomes)
     table = write_summary(summary, folder)

@@ -33,8 +33,10 @@ def score(model, recipe_path, calibration, samples, max_length, positions, out) 
     from ..compress.score import score_sublayers, write_scores
     from ..models.format import atomic_directory
     from ..models.sources import load_model
+    from ..outputs import check_output_path
     from ..recipe import load_recipe
 
+    check_output_path(out, [model, calibration])
     recipe = load_recipe(recipe_path)
     base = (recipe.depth or DepthConfig()).score
     overrides = {"samples": samples, "max_length": max_length, "positions": positions}
@@ -77,9 +79,11 @@ def compress(recipe_path, stage_names, model_source, force, out) -> None:
     from ..accounting import account
     from ..compress.pipeline import STAGE_ORDER, compress as run_compress, stages_in_recipe
     from ..models.sources import load_model
+    from ..outputs import check_output_path
     from ..recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
+    check_output_path(out, [model_source or recipe.model.source])
     if force and recipe.depth is not None:
         recipe.depth.drop.force = True
     stages = stages_in_recipe(recipe) if "all" in stage_names else [s for s in STAGE_ORDER if s in stage_names]

@@ -48,7 +48,9 @@ def gptq_command(model, calibration, out, recipe_path, bits, group_size, sym, de
     environment (`./install.sh gptq`). Evaluate the result with effir_export.export.gptq_loader.load_gptq_model.
     """
     from ..export.gptq import GptqConfig, GptqError, export_gptq
+    from ..outputs import check_output_path
 
+    check_output_path(out, [model])
     recipe, section = _recipe_section(recipe_path, "gptq")
     base = (section or GptqConfig()).model_dump()
     updates = {"bits": int(bits) if bits else None, "group_size": group_size, "sym": sym, "desc_act": desc_act,
@@ -80,7 +82,9 @@ def trt_command(onnx, out, recipe_path, workspace_gb, timing_cache, max_length) 
     compute capability, the min/opt/max shapes and the source ONNX's sha256 (a plan runs only where it was built).
     """
     from ..export.tensorrt import TensorRTBuildError, TensorRTConfig, build_engines
+    from ..outputs import check_output_path
 
+    check_output_path(out, [onnx])
     recipe, section = _recipe_section(recipe_path, "tensorrt")
     config = (section or TensorRTConfig()).model_copy(deep=True)
     if workspace_gb is not None:

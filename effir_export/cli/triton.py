@@ -37,9 +37,11 @@ def triton(artifacts: str, out: str, engines: str | None, recipe: str | None, re
     config.pbtxt + 1/ (model files, recipe and report), plus OUT/repository.json. Atomic: on error
     nothing is left at OUT.
     """
+    from ..outputs import check_output_path
     from ..recipe import load_recipe
     from ..serve.triton import TritonConfig, write_triton_repository
 
+    check_output_path(out, [artifacts, engines])
     base = load_recipe(recipe).triton if recipe else None
     values = {**(base.model_dump() if base else {}), **{k: v for k, v in options.items() if v is not None}}
     config = validated_config(TritonConfig, values)

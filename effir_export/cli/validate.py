@@ -36,6 +36,15 @@ def _config(cls, base, overrides: dict):
         raise RecipeError(f"{cls.__name__}: {describe_validation_error(exc)}; pass it as an option or in the recipe") from None
 
 
+def _check_out(config) -> None:
+    """Refuse a report folder that cannot be written, or that is one of the inputs, before any encoding."""
+    from ..outputs import check_output_path
+
+    if config.out:
+        check_output_path(config.out, [config.data, *(spec.split(":", 1)[-1] for spec in
+                                                      [getattr(config, "reference", None), *config.backends] if spec)])
+
+
 def _slice(queries: int | None, documents: int | None, seed: int | None, base) -> dict | None:
     if queries is None and documents is None and seed is None:
         return None
@@ -97,6 +106,7 @@ def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recip
                  "batch_size": batch_size, "threads": threads, "out": out, "cache_dir": cache_dir,
                  "slice": _slice(slice_queries, slice_docs, seed, base)}
     config = _config(ValidateConfig, base, overrides)
+    _check_out(config)
     if no_latency:
         config = config.model_copy(update={"latency": None})
     if no_memory:
@@ -138,6 +148,7 @@ def bench(backends, baseline, query_batch, document_batch, warmup, repeats, reci
     overrides = {"backends": list(backends) or None, "data": data, "batch_size": batch_size, "threads": threads, "out": out,
                  "latency": latency, "slice": _slice(slice_queries, slice_docs, seed, section)}
     config = _config(BenchConfig, None, {**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+    _check_out(config)
     report = run_bench(config, embedding=embedding)
     click.echo(bench_markdown(report))
     if config.out:

@@ -7,7 +7,7 @@ from ..accounting import compare_accounts
 from ..models.sources import LoadedModel
 from ..schema import StrictModel
 from . import StageOutput
-from .drop import DropConfig, apply_drops, select_drops
+from .drop import DropConfig, apply_drops, check_drops, select_drops
 from .score import ScoreConfig, score_sublayers, write_scores
 
 
@@ -30,6 +30,7 @@ def run_depth_stage(loaded: LoadedModel, config: DepthConfig, recipe, work_dir: 
     """Score ``loaded`` on the recipe's calibration text, drop sublayers in place, write scores."""
     from ..accounting import account
 
+    check_drops(config.drop, loaded.model)
     before = account(loaded.model)
     scores = score_sublayers(loaded, config.score, recipe.resolve_path(config.score.calibration), progress)
     write_scores(scores, work_dir)

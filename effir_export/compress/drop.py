@@ -34,21 +34,34 @@ class DropConfig(StrictModel):
         return value
 
 
+def check_drops(config: DropConfig, model: EffirModel) -> None:
+    """Raise before any work when ``config`` asks for more sublayers, or other layers, than ``model`` has."""
+    specs = model.current_layer_specs()
+    for kind in ("attention", "mlp"):
+        _check_request(kind, getattr(config, kind), [i for i, s in enumerate(specs) if getattr(s, kind)])
+
+
+def _check_request(kind: str, request: int | list[int], present: list[int]) -> None:
+    if isinstance(request, list):
+        absent = sorted(set(request) - set(present))
+        if absent:
+            raise StructureError(f"cannot drop {kind} of layers {absent}: not present (present: {sorted(present)}); "
+                                 f"fix depth.drop.{kind}")
+    elif request > len(present):
+        raise StructureError(f"cannot drop {request} {kind} sublayers: the model has only {len(present)}; "
+                             f"lower depth.drop.{kind} to at most {len(present)}")
+
+
 def select_drops(scores: SublayerScores, config: DropConfig) -> dict[str, list[int]]:
     """Layer indices to drop per group: the lowest scores first (ties: the lower index first)."""
     drops = {}
     for kind in ("attention", "mlp"):
         present = scores.group(kind)
         request = getattr(config, kind)
+        _check_request(kind, request, list(present))
         if isinstance(request, list):
-            absent = sorted(set(request) - set(present))
-            if absent:
-                raise StructureError(f"cannot drop {kind} of layers {absent}: not present (present: {sorted(present)})")
             chosen = sorted(set(request))
         else:
-            if request > len(present):
-                raise StructureError(f"cannot drop {request} {kind} sublayers: the model has only {len(present)}; "
-                                     f"lower drop.{kind}")
             ranked = sorted(present, key=lambda i: (present[i], i))
             chosen = sorted(ranked[:request])
         drops[kind] = chosen
