@@ -64,8 +64,9 @@ def fetch(name: str | None, cache: Path | None, force: bool, verify: bool, find_
     if result.fetched:
         click.echo(f"fetched {name} into {result.folder} ({size}, every hash checked) in {time.monotonic() - start:.0f} s")
     else:
-        click.echo(f"{name}: verified copy already in {result.folder} ({size}); nothing to do "
-                   "(--verify re-hashes it, --force fetches again)")
+        checked = "every file re-hashed" if verify else "sizes checked; --verify re-hashes"
+        click.echo(f"{name}: verified copy already in {result.folder} ({size}, {checked}); nothing to do "
+                   "(--force fetches again)")
 
 
 def _interrupt(signum, frame) -> None:
