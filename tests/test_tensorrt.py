@@ -117,9 +117,10 @@ def test_build_fails_cleanly_without_tensorrt(tmp_path):
 
 @needs_no_tensorrt
 def test_cli_fails_cleanly_without_tensorrt(tmp_path):
-    path = tiny_onnx(tmp_path)
-    (tmp_path / "effir_onnx.json").write_text(json.dumps({"embedding": {"max_length": 128}}))
-    result = CliRunner().invoke(main, ["export", "trt", str(tmp_path), "--out", str(tmp_path / "engines")])
+    (tmp_path / "onnx").mkdir()  # --out may not lie inside the input folder
+    path = tiny_onnx(tmp_path / "onnx")
+    (tmp_path / "onnx" / "effir_onnx.json").write_text(json.dumps({"embedding": {"max_length": 128}}))
+    result = CliRunner().invoke(main, ["export", "trt", str(tmp_path / "onnx"), "--out", str(tmp_path / "engines")])
     assert result.exit_code == 2, result.output
     assert "error: the tensorrt Python package is not installed" in result.output
     assert not (tmp_path / "engines").exists()

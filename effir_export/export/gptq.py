@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..artifacts import record_file_hashes
 from ..compress.calibration import read_calibration_texts
 from ..errors import EffirError
 from ..models.embedding import tokenize_texts
@@ -188,6 +189,7 @@ def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, 
                   "calibration": calibration, "quantized_linears": len(quantized_layers),
                   "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size}
         (tmp / "gptq_report.json").write_text(json.dumps(report, indent=2))
+        record_file_hashes(tmp, "gptq")
     return report
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from pydantic import ValidationError
 
+from ..artifacts import verify_artifact
 from ..errors import StructureError
 from ..models.sources import LoadedModel
 from .gptq_loader import gptq_weights, load_gptq_model
@@ -23,6 +24,7 @@ def gptq_to_matmulnbits(proto: onnx.ModelProto, source: LoadedModel, gptq_folder
                         accuracy_level: int | None = None) -> onnx.ModelProto:
     """``proto`` (the fp32 export of ``source``, the model the checkpoint was quantised from) with every
     quantised linear layer running the checkpoint's 4-bit weights."""
+    verify_artifact(gptq_folder, "gptq")
     model = load_gptq_model(gptq_folder)
     qcfg = model.config.quantization_config
     if qcfg["bits"] != 4:

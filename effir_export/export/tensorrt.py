@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..artifacts import record_file_hashes, verify_artifact
 from ..errors import EffirError
 from ..models.format import atomic_directory
 from ..schema import StrictModel
@@ -184,6 +185,7 @@ def build_engines(onnx_path: str | Path, out_dir: str | Path, config: TensorRTCo
     inputs = token_inputs(onnx_path)
     trt = import_tensorrt()
     device = cuda_device()
+    verify_artifact(onnx_path.parent, "onnx")  # engines only from a complete, unedited export
     sha = onnx_sha256(onnx_path)
     cache_path = Path(config.timing_cache) if config.timing_cache else None
     plans: list[Path] = []
@@ -195,6 +197,7 @@ def build_engines(onnx_path: str | Path, out_dir: str | Path, config: TensorRTCo
             meta = engine_metadata(name, profile, inputs, onnx_path, sha, trt.__version__, device, config)
             (tmp / f"{name}.json").write_text(json.dumps(meta, indent=2))
             plans.append(Path(out_dir) / f"{name}.plan")
+        record_file_hashes(tmp, "tensorrt")
     return plans
 
 

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..artifacts import verify_artifact
 from ..errors import EffirError
 from ..models.sources import cache_root
 from .triton import REPOSITORY_META
@@ -201,3 +202,4 @@ def check_repository(repository: Path, require_cpu_flavour: bool = True) -> None
     if flavour != "cpu" and require_cpu_flavour:
         raise TritonServerError(f"'{repository}' is the {flavour} flavour: the bundled tritonserver has only the python "
                                 "backend; serve it with NVIDIA's Triton container, or write a cpu-flavour repository")
+    verify_artifact(repository, "triton")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..artifacts import verify_artifact
 from ..errors import EffirError
 from ..models.embedding import EmbeddingOverride
 from ..models.encoder import EmbeddingBackend
@@ -178,6 +179,7 @@ def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
         from ..runtime.ort import OrtEncoder
     except ImportError as exc:
         raise BackendError(f"onnx backend needs effir_export.runtime.ort and onnxruntime ({exc})") from None
+    verify_artifact(folder, "onnx")
     encoder = OrtEncoder.from_folder(folder, threads=options.threads, batch_size=options.batch_size)
     weights = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     meta_file = folder / "effir_onnx.json"
@@ -223,6 +225,7 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     ``effir_export.runtime.tensorrt.TrtEncoder.from_folder`` loads the engine folder."""
     import torch
 
+        verify_artifact(folder, "gptq")
     from ..models.sources import hash_files
 
     if importlib.util.find_spec("tensorrt") is None:
@@ -247,3 +250,4 @@ register_backend("onnx", _onnx_factory)
 register_backend("gptq", _gptq_factory("float32"))
 register_backend("gptq-bf16", _gptq_factory("bfloat16"))
 register_backend("tensorrt", _tensorrt_factory)
+    verify_artifact(folder, "tensorrt")
