@@ -148,6 +148,7 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, embedding_defaults: di
     from transformers import AutoModel, AutoTokenizer
 
     if is_effir_folder(folder):
+        _require_tokenizer(folder)
         model = load_effir_model(folder, dtype)
         return LoadedModel(model, _tokenizer(AutoTokenizer.from_pretrained(folder), model), str(folder), folder)
     config_file = folder / "config.json"
@@ -169,9 +170,7 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, embedding_defaults: di
     settings = {"pooling": adapter.default_pooling, "append_eos": adapter.is_decoder}
     settings.update(embedding_defaults)
     settings.update(sentence_transformers_settings(folder))  # before the weights: an unknown module fails fast
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelSourceError(f"'{folder}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
-                               "tokenizer files into the folder")
+    _require_tokenizer(folder)
     backbone = AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False, local_files_only=True,
                                          dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -179,6 +178,12 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, embedding_defaults: di
     model.head.load_state_dict(dense_weights(folder), strict=True)
     model.head.to(backbone.dtype)
     return LoadedModel(model.eval(), _tokenizer(tokenizer, model), str(folder))
+
+
+def _require_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(f"'{folder}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the model's "
+                               "tokenizer files into the folder")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, embedding_defaults: dict) -> LoadedModel:

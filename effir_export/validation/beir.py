@@ -69,7 +69,7 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     missing_queries = sorted(q for q in qrels if q not in queries)
     if missing_queries:
         raise DatasetError(f"{files['qrels']}: {len(missing_queries)} judged query id(s) are not in queries.jsonl "
-                           f"(first: '{missing_queries[0]}')")
+                           f"(first: '{missing_queries[0]}'); add them to queries.jsonl or fix the qrels")
     judged = [q for q in queries if q in qrels]
     if not judged:
         raise DatasetError(f"{files['qrels']}: no query in queries.jsonl has a judgment")
