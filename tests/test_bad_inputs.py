@@ -421,3 +421,99 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, good, tmp_path, m
     assert re.search(case.problem, line) and re.search(case.fix, line), line
     assert snapshot(ws) == before, "a failed command wrote, removed or changed files"
     assert snapshot(good) == good_before
+
+
+# ---- Triton requests ----------------------------------------------------------------------------------------------
+class Request(dict):
+    """A request as the python backend hands it over: input name -> tensor."""
+
+
+def triton_utils() -> types.ModuleType:
+    """What the tokenizer model uses of triton_python_backend_utils, with the server's semantics: inputs
+    by name (None when absent), tensors, responses that carry an error or outputs."""
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.get_input_tensor_by_name = lambda request, name: (
+        types.SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None)
+    utils.Tensor = lambda name, array: (name, array)
+    utils.TritonError = str
+    utils.InferenceResponse = lambda output_tensors, error=None: types.SimpleNamespace(
+        outputs=dict(output_tensors), error=error)
+    return utils
+
+
+@pytest.fixture
+def tokenizer_model(good, monkeypatch):
+    """The repository's generated tokenizer model.py, imported outside the server."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", triton_utils())
+    path = good / "repo" / "effir_tokenizer" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("effir_tokenizer_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({})
+    return model
+
+
+def strings(*values: str | bytes) -> np.ndarray:
+    return np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object).reshape(-1, 1)
+
+
+REQUESTS = [
+    ("wrong-dtype", Request(TEXT=np.array([[1.5]], dtype=np.float32), KIND=strings("query")),
+     r"TEXT must be BYTES \(UTF-8 strings\), got float32; send strings"),
+    ("empty-batch", Request(TEXT=strings(), KIND=strings()), r"empty TEXT: send at least one text"),
+    ("unknown-kind", Request(TEXT=strings("x"), KIND=strings("passage")), r"unknown KIND \['passage'\]; use 'query'"),
+    ("kind-rows-mismatch", Request(TEXT=strings("x", "y"), KIND=strings("query")), r"KIND has 1 rows but TEXT has 2"),
+    ("missing-kind", Request(TEXT=strings("x")), r"missing input KIND; send TEXT and KIND"),
+    ("not-utf8", Request(TEXT=strings(b"\xff\xfe"), KIND=strings("query")), r"TEXT is not UTF-8 .*send UTF-8 text"),
+    ("title-wrong-dtype", Request(TEXT=strings("x"), KIND=strings("document"), TITLE=np.array([[7]])),
+     r"TITLE must be BYTES"),
+]
+
+
+@pytest.mark.parametrize("request_, expected", [r[1:] for r in REQUESTS], ids=[r[0] for r in REQUESTS])
+def test_bad_triton_request_gets_its_own_error_and_others_are_served(tokenizer_model, request_, expected):
+    good_request = Request(TEXT=strings("what is dense retrieval"), KIND=strings("query"))
+    bad, served = tokenizer_model.execute([request_, good_request])  # one batch: the bad one fails alone
+    assert bad.error is not None and re.search(expected, bad.error), bad.error
+    assert served.error is None and served.outputs["input_ids"].shape[0] == 1
+
+
+def test_text_over_max_length_is_truncated_like_every_backend(tokenizer_model):
+    """Not an error: the tokenizer model truncates to the export's max_length and keeps the EOS, exactly
+    as the PyTorch and ONNX Runtime backends do (tests/test_triton_repo.py checks token equality)."""
+    response, = tokenizer_model.execute([Request(TEXT=strings("retrieval " * 500, "short"), KIND=strings("document", "query"))])
+    ids, mask = response.outputs["input_ids"], response.outputs["attention_mask"]
+    assert response.error is None and ids.shape == (2, MAX_LENGTH) and mask[0].sum() == MAX_LENGTH
+    assert ids[0, -1] == tokenizer_model.settings["eos_id"] and 0 < mask[1].sum() < MAX_LENGTH
+
+
+# ---- exit codes outside the matrix --------------------------------------------------------------------------------
+def test_an_internal_error_exits_3_and_says_it_is_a_bug():
+    @click.group(cls=EffirGroup)
+    def cli():
+        pass
+
+    @cli.command()
+    def broken():
+        raise ZeroDivisionError("division by zero")
+
+    @cli.command()
+    def interrupted():
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(cli, ["broken"])
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 3 and "internal error (a bug in effir-export" in line
+    assert "ZeroDivisionError: division by zero" in line and "--debug" in line
+    assert CliRunner().invoke(cli, ["interrupted"]).exit_code == 130
+
+
+def test_real_process_prints_one_line_and_no_traceback(good, tmp_path):
+    """The same contract through a real process (stderr as a user's terminal gets it, logging included)."""
+    folder = copy(good, "effir", tmp_path, "model")
+    truncate(folder / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "effir_export", "info", str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "does not load" in one_error_line(proc.stderr)

@@ -82,10 +82,9 @@ class TritonPythonModel:
         unknown = sorted(set(kinds) - set(self.prompts))
         if unknown:
             raise ValueError(f"unknown KIND {unknown}; use 'query' or 'document'")
-        title_tensor = pb_utils.get_input_tensor_by_name(request, "TITLE")  # optional: documents' titles
         titles = [""] * len(texts)
-        if title_tensor is not None:
-            titles = [t.decode("utf-8") for t in title_tensor.as_numpy().reshape(-1)]
+        if pb_utils.get_input_tensor_by_name(request, "TITLE") is not None:  # optional: documents' titles
+            titles = self.strings(request, "TITLE")
             if len(titles) != len(texts):
                 raise ValueError(f"TITLE has {len(titles)} rows but TEXT has {len(texts)}; send one title per text")
         input_ids, mask = self.pad(self.encode(texts, kinds, titles))
