@@ -205,6 +205,7 @@ def _gptq_factory(dtype_name: str) -> Factory:
         except ImportError as exc:
             raise BackendError(f"gptq backend needs effir_export.export.gptq_loader ({exc})") from None
         folder = Path(spec.artifact)
+        verify_artifact(folder, "gptq")
         model = load_gptq_model(folder, dtype=getattr(torch, dtype_name))
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.padding_side = "right"
@@ -225,7 +226,6 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     ``effir_export.runtime.tensorrt.TrtEncoder.from_folder`` loads the engine folder."""
     import torch
 
-        verify_artifact(folder, "gptq")
     from ..models.sources import hash_files
 
     if importlib.util.find_spec("tensorrt") is None:
@@ -238,6 +238,7 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     except (ImportError, AttributeError) as exc:
         raise BackendError(f"tensorrt backend: this effir-export has no TensorRT runner ({exc})") from None
     folder = Path(spec.artifact)
+    verify_artifact(folder, "tensorrt")
     encoder = loader.from_folder(folder)
     weights = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     return Backend(spec, encoder, getattr(encoder, "tokenizer", None), hash_files(weights), artifact_bytes(folder),
@@ -250,4 +251,3 @@ register_backend("onnx", _onnx_factory)
 register_backend("gptq", _gptq_factory("float32"))
 register_backend("gptq-bf16", _gptq_factory("bfloat16"))
 register_backend("tensorrt", _tensorrt_factory)
-    verify_artifact(folder, "tensorrt")
