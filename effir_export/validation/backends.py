@@ -190,6 +190,26 @@ def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
                    extra={k: meta[k] for k in ("precision", "weights", "source_fingerprint") if k in meta})
 
 
+def _openvino_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
+    """OpenVINO on the CPU over an ``effir-export export openvino`` folder, at its exported precision."""
+    from ..models.sources import hash_files
+
+    folder = Path(spec.artifact)
+    if not (folder / "effir_openvino.json").is_file():
+        raise BackendError(f"openvino backend: '{folder}' has no effir_openvino.json; pass a folder written by "
+                           "`effir-export export openvino`")
+    if importlib.util.find_spec("openvino") is None:
+        raise BackendError("openvino backend needs the 'openvino' package; install it with "
+                           "`pip install -e '.[openvino]'` (or ./install.sh)")
+    from ..runtime.openvino import OpenVinoEncoder
+
+    encoder = OpenVinoEncoder.from_folder(folder, threads=options.threads, batch_size=options.batch_size)
+    meta, weights = encoder.meta, [folder / "model.xml", folder / "model.bin"]
+    return Backend(spec, encoder, encoder.tokenizer, hash_files(weights), sum(p.stat().st_size for p in weights),
+                   None, extra={"precision": meta["precision"], "weights": meta["int8"],
+                                "source_fingerprint": meta["source_fingerprint"]})
+
+
 def _gptq_factory(dtype_name: str) -> Factory:
     """A GPTQ checkpoint of an effir model, dequantised by effir-export's own loader (CPU or GPU) and
     run in ``dtype_name``."""
@@ -248,6 +268,7 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
 register_backend("torch", _torch_factory("float32"))
 register_backend("torch-bf16", _torch_factory("bfloat16"))
 register_backend("onnx", _onnx_factory)
+register_backend("openvino", _openvino_factory)
 register_backend("gptq", _gptq_factory("float32"))
 register_backend("gptq-bf16", _gptq_factory("bfloat16"))
 register_backend("tensorrt", _tensorrt_factory)

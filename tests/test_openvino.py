@@ -1,0 +1,138 @@
+"""OpenVINO export (fp32, bf16, int8 weights, int8 weights + activations): the mandatory check against
+PyTorch, a broken graph that writes nothing, bf16 on a CPU without it, the CLI, the backend on MiniLM."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from conftest import TEXTS, tiny_loaded
+from effir_export.cli import main
+from effir_export.export.check import ExportCheckError
+from effir_export.export.onnx import ExportError, OnnxExportConfig, export_onnx
+from effir_export.export.openvino import OpenVinoExportConfig, export_openvino
+from effir_export.export.ort_int8 import OrtInt8Config
+from effir_export.models.encoder import Encoder
+from effir_export.models.format import save_model
+from effir_export.runtime.openvino import OpenVinoEncoder, OpenVinoError, cpu_capabilities, require_precision
+from effir_export.validation.backends import build_backend
+
+HAS_BF16 = "BF16" in cpu_capabilities()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    loaded = tiny_loaded("llama")
+    return loaded, export_onnx(loaded, OnnxExportConfig(), tmp_path_factory.mktemp("onnx") / "onnx")
+
+
+def ir_types(folder) -> set[str]:
+    text = (folder / "model.xml").read_text()
+    return {part.split('"')[0] for part in text.split('element_type="')[1:]}
+
+
+def test_fp32_export_matches_pytorch_and_keeps_the_tokenizer(tiny, tmp_path):
+    loaded, onnx_folder = tiny
+    folder = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    meta = json.loads((folder / "effir_openvino.json").read_text())
+    assert meta["precision"] == "fp32" and meta["int8"] == "none" and meta["embedding"] == loaded.embedding.model_dump()
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["passed"] and check["min_cosine"] >= 0.99999 and check["max_abs_diff"] <= 1e-3
+    assert {r["batch_size"] for r in check["runs"]} == {1, 3, 10}
+    assert (folder / "tokenizer.json").is_file() and not (folder / "model.onnx").exists()
+    assert "f32" in ir_types(folder) and "f16" not in ir_types(folder)  # weights stored in full precision
+    got = OpenVinoEncoder.from_folder(folder, threads=1).encode(TEXTS, batch_size=2)
+    np.testing.assert_allclose(got, Encoder(loaded.model, loaded.tokenizer).encode(TEXTS, batch_size=1), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["weights", "static"])
+def test_int8_exports_are_smaller_or_quantised_and_pass_the_check(tiny, tmp_path, mode):
+    loaded, onnx_folder = tiny
+    fp32 = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(), tmp_path / "fp32")
+    folder = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(int8=mode, samples=16), tmp_path / mode)
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["weights"] == f"int8-{mode}" and check["min_cosine_threshold"] == 0.99 and check["min_cosine"] >= 0.99
+    meta = json.loads((folder / "effir_openvino.json").read_text())
+    xml = (folder / "model.xml").read_text()
+    if mode == "weights":
+        assert meta["calibration"] is None and {"i8", "u8"} & ir_types(folder)
+        assert (folder / "model.bin").stat().st_size < (fp32 / "model.bin").stat().st_size
+    else:
+        assert meta["calibration"]["samples"] == 16 and 'type="FakeQuantize"' in xml
+
+
+def test_a_broken_graph_fails_the_check_and_writes_nothing(tiny, tmp_path):
+    import shutil
+
+    loaded, onnx_folder = tiny
+    broken = tmp_path / "broken-onnx"
+    shutil.copytree(onnx_folder, broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    weight = next(t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] == t.dims[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))  # transposed
+    onnx.save(proto, str(broken / "model.onnx"))
+    with pytest.raises(ExportCheckError, match="OpenVINO .* min cosine"):
+        export_openvino(broken, loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-onnx"]
+
+
+def test_only_fp32_float_onnx_of_the_same_model_is_converted(tiny, tmp_path):
+    loaded, onnx_folder = tiny
+    int8 = export_onnx(loaded, OnnxExportConfig(int8=OrtInt8Config()), tmp_path / "int8")
+    with pytest.raises(ExportError, match="fp32 int8 graph"):
+        export_openvino(int8, loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    with pytest.raises(ExportError, match="exported from another model"):
+        export_openvino(onnx_folder, tiny_loaded("llama", seed=1), OpenVinoExportConfig(), tmp_path / "ov")
+    assert not (tmp_path / "ov").exists()
+
+
+def test_bf16_needs_the_cpu_capability():
+    require_precision("bf16", ["FP32", "BF16", "INT8"])
+    with pytest.raises(OpenVinoError, match="no bf16 support .*FP32, INT8.*--precision fp32"):
+        require_precision("bf16", ["FP32", "INT8"])
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 (OpenVINO capabilities lack BF16)")
+def test_bf16_export_passes_at_its_threshold(tiny, tmp_path):
+    loaded, onnx_folder = tiny
+    folder = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(precision="bf16"), tmp_path / "bf16")
+    check = json.loads((folder / "export_check.json").read_text())
+    assert check["precision"] == "bf16" and check["min_cosine"] >= 0.999 and "bf16" in check["provider"]
+
+
+@pytest.mark.skipif(HAS_BF16, reason="this CPU has bf16: the unavailable path cannot be reached here")
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error_and_writes_nothing(tiny, tmp_path):
+    loaded, onnx_folder = tiny
+    result = CliRunner().invoke(main, ["export", "openvino", str(onnx_folder), "--precision", "bf16",
+                                       "--out", str(tmp_path / "bf16")])
+    assert result.exit_code == 2 and result.output.startswith("error: this CPU has no bf16 support")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "bf16").exists()
+
+
+def test_cli_exports_a_model_folder_through_onnx(tmp_path):
+    loaded = tiny_loaded("bert")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "model")
+    result = CliRunner().invoke(main, ["export", "openvino", str(tmp_path / "model"), "--out", str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    assert "fp32, int8 none" in result.output and "(>= 0.99999)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "ov"]  # the intermediate ONNX is gone
+
+
+@pytest.mark.integration
+def test_minilm_openvino_backends_match_torch(minilm, tmp_path):
+    onnx_folder = export_onnx(minilm, OnnxExportConfig(), tmp_path / "onnx")
+    fp32 = export_openvino(onnx_folder, minilm, OpenVinoExportConfig(), tmp_path / "ov-fp32")
+    int8 = export_openvino(onnx_folder, minilm, OpenVinoExportConfig(int8="weights"), tmp_path / "ov-int8")
+    reference = build_backend("torch:minilm-l6").encoder.encode(TEXTS)
+    sizes = []
+    for folder, floor in ((fp32, 0.99999), (int8, 0.99)):
+        backend = build_backend(f"openvino:{folder}")
+        got = backend.encoder.encode(TEXTS, batch_size=2)
+        assert float(np.sum(reference * got, axis=1).min()) >= floor
+        assert backend.extra["source_fingerprint"] == minilm.fingerprint()
+        sizes.append(backend.disk_bytes)
+    assert 0 < sizes[1] < 0.5 * sizes[0]
