@@ -191,5 +191,5 @@ def test_tensorrt_backend_fails_clearly_without_its_runtime(tmp_path):
 
 def test_gptq_backend_rejects_a_folder_that_is_not_a_gptq_checkpoint(tmp_path):
     pytest.importorskip("effir_export.export.gptq_loader")
-    with pytest.raises(EffirError, match="not a GPTQ effir folder"):
+    with pytest.raises(EffirError, match="no effir_files.json.*export gptq"):
         build_backend(f"gptq:{tmp_path}")
