@@ -85,6 +85,7 @@ KINDS: dict[str, ArtifactKind] = {
                          _check_gptq),
     "tensorrt": ArtifactKind((), "`effir-export export trt`", _check_engines),
     "triton": ArtifactKind(("repository.json",), "`effir-export triton`", _check_repository),
+    "openvino": ArtifactKind(("model.xml", "model.bin", "effir_openvino.json"), "`effir-export export openvino`"),
 }
 
 

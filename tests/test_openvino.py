@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import onnx
+import openvino as ov
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
 from conftest import TEXTS, tiny_loaded
+from effir_export.artifacts import ArtifactError, verify_artifact
 from effir_export.cli import main
+from effir_export.export import openvino as openvino_export
 from effir_export.export.check import ExportCheckError
 from effir_export.export.onnx import ExportError, OnnxExportConfig, export_onnx
 from effir_export.export.openvino import OpenVinoExportConfig, export_openvino
@@ -44,6 +47,7 @@ def test_fp32_export_matches_pytorch_and_keeps_the_tokenizer(tiny, tmp_path):
     assert check["passed"] and check["min_cosine"] >= 0.99999 and check["max_abs_diff"] <= 1e-3
     assert {r["batch_size"] for r in check["runs"]} == {1, 3, 10}
     assert (folder / "tokenizer.json").is_file() and not (folder / "model.onnx").exists()
+    assert "model.bin" in verify_artifact(folder, "openvino")["files"]
     assert "f32" in ir_types(folder) and "f16" not in ir_types(folder)  # weights stored in full precision
     got = OpenVinoEncoder.from_folder(folder, threads=1).encode(TEXTS, batch_size=2)
     np.testing.assert_allclose(got, Encoder(loaded.model, loaded.tokenizer).encode(TEXTS, batch_size=1), atol=1e-4)
@@ -65,19 +69,28 @@ def test_int8_exports_are_smaller_or_quantised_and_pass_the_check(tiny, tmp_path
         assert meta["calibration"]["samples"] == 16 and 'type="FakeQuantize"' in xml
 
 
-def test_a_broken_graph_fails_the_check_and_writes_nothing(tiny, tmp_path):
+def test_a_broken_graph_fails_the_check_and_writes_nothing(tiny, tmp_path, monkeypatch):
+    loaded, onnx_folder = tiny
+    proto = onnx.load(str(onnx_folder / "model.onnx"))
+    weight = next(t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] == t.dims[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))  # transposed
+    onnx.save(proto, str(tmp_path / "broken.onnx"))
+    monkeypatch.setattr(openvino_export, "convert", lambda folder: ov.convert_model(str(tmp_path / "broken.onnx")))
+    with pytest.raises(ExportCheckError, match="OpenVINO .* min cosine"):
+        export_openvino(onnx_folder, loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
+
+
+def test_an_edited_onnx_export_is_refused(tiny, tmp_path):
     import shutil
 
     loaded, onnx_folder = tiny
-    broken = tmp_path / "broken-onnx"
-    shutil.copytree(onnx_folder, broken)
-    proto = onnx.load(str(broken / "model.onnx"))
-    weight = next(t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] == t.dims[1])
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))  # transposed
-    onnx.save(proto, str(broken / "model.onnx"))
-    with pytest.raises(ExportCheckError, match="OpenVINO .* min cosine"):
-        export_openvino(broken, loaded, OpenVinoExportConfig(), tmp_path / "ov")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-onnx"]
+    shutil.copytree(onnx_folder, tmp_path / "onnx")
+    with open(tmp_path / "onnx" / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ArtifactError, match="model.onnx"):
+        export_openvino(tmp_path / "onnx", loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    assert not (tmp_path / "ov").exists()
 
 
 def test_only_fp32_float_onnx_of_the_same_model_is_converted(tiny, tmp_path):

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..artifacts import FILES_NAME
+from ..artifacts import FILES_NAME, record_file_hashes, verify_artifact
 from ..models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
 from ..models.encoder import Encoder
 from ..models.format import atomic_directory
@@ -84,11 +84,12 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
     onnx_folder, out_dir = Path(onnx_folder), Path(out_dir)
     require_precision(config.precision, cpu_capabilities())
     source = read_onnx_source(onnx_folder)
+    verify_artifact(onnx_folder, "onnx")  # a complete, unedited export only
     if source["source_fingerprint"] != loaded.fingerprint():
         raise ExportError(f"'{onnx_folder}' was exported from another model (fingerprint {source['source_fingerprint']}, "
                           f"not {loaded.fingerprint()}); pass the model it was exported from")
     settings = EmbeddingConfig(**source["embedding"])
-    model = ov.convert_model(str(onnx_folder / ONNX_GRAPH))
+    model = convert(onnx_folder)
     calibration_facts = None
     if config.int8 == "weights":
         import nncf
@@ -117,7 +118,15 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
         run_openvino_check(tmp, loaded, settings)
+        record_file_hashes(tmp, "openvino")  # last: what consumers verify before use
     return out_dir
+
+
+def convert(onnx_folder: Path):
+    """The ONNX graph as an ``ov.Model`` (OpenVINO's ONNX frontend)."""
+    import openvino as ov
+
+    return ov.convert_model(str(Path(onnx_folder) / ONNX_GRAPH))
 
 
 def calibration_batches(tokenizer, settings: EmbeddingConfig, texts: list[str], max_length: int) -> list[dict]:

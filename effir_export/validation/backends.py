@@ -203,6 +203,7 @@ def _openvino_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
                            "`pip install -e '.[openvino]'` (or ./install.sh)")
     from ..runtime.openvino import OpenVinoEncoder
 
+    verify_artifact(folder, "openvino")
     encoder = OpenVinoEncoder.from_folder(folder, threads=options.threads, batch_size=options.batch_size)
     meta, weights = encoder.meta, [folder / "model.xml", folder / "model.bin"]
     return Backend(spec, encoder, encoder.tokenizer, hash_files(weights), sum(p.stat().st_size for p in weights),
