@@ -28,6 +28,7 @@ from ..errors import EffirError
 from ..models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
 from ..models.encoder import select_device
 from ..models.format import EffirModel, atomic_directory
+from ..models.precision import effective_dtype
 from ..schema import StrictModel
 from .pairs import TrainingPair
 
@@ -54,7 +55,7 @@ class TrainConfig(StrictModel):
     """Contrastive training: data, InfoNCE, optimisation, precision, checkpoints.
 
     ```yaml
-    data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s), a BEIR folder,
+    data: ../data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s), a BEIR folder,
                                # a .txt file of passages (Inverse Cloze pairs), or a list of these (mixed)
     split: train               # qrels split when data is a BEIR folder
     max_pairs: null            # use only the first N pairs of each source
@@ -194,6 +195,8 @@ class ContrastiveTrainer:
         self.pairs = pairs
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = select_device(config.device)
+        requested = torch.bfloat16 if config.precision == "bf16" else None
+        self.autocast_bf16 = effective_dtype(requested, self.device) is torch.bfloat16  # fp32 without native bf16
         torch.manual_seed(config.seed)
         self.model = model.to(self.device)
         self.peft = None
@@ -233,7 +236,7 @@ class ContrastiveTrainer:
         """InfoNCE of one micro-batch (positives first, then each pair's hard negatives)."""
         documents = [p.positive for p in batch]
         documents += [n for p in batch for n in p.negatives[: self.config.hard_negatives]]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             queries = self._encode([p.query for p in batch], "query")
             docs = self._encode(documents, "document")
         return info_nce(queries, docs, self.config.temperature, false_negative_mask(batch, documents).to(self.device))

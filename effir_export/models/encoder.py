@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .embedding import EmbeddingConfig, Text, TextKind, pad_batch, tokenize_texts
 from .format import EffirModel
+from .precision import effective_dtype
 
 
 @runtime_checkable
@@ -40,7 +41,8 @@ class Encoder:
                  device: str | None = None, dtype: torch.dtype | None = None, batch_size: int = 32,
                  progress_threshold: int = 256):
         self.device = select_device(device)
-        self.model = model.to(self.device, dtype=dtype) if dtype is not None else model.to(self.device)
+        self.dtype = effective_dtype(dtype, self.device)  # bf16 without native bf16 runs fp32, said once
+        self.model = model.to(self.device, dtype=self.dtype) if self.dtype is not None else model.to(self.device)
         self.model.eval()
         self.tokenizer = tokenizer
         self.settings = settings or model.embedding_config

@@ -163,8 +163,9 @@ def _torch_factory(dtype_name: str) -> Factory:
         encoder = Encoder(loaded.model, loaded.tokenizer, settings, dtype=getattr(torch, dtype_name),
                           batch_size=options.batch_size)
         where = loaded.folder or Path(loaded.source)
+        computed = str(encoder.dtype or torch.float32).removeprefix("torch.")
         return Backend(spec, encoder, loaded.tokenizer, fingerprint, artifact_bytes(where), loaded.model,
-                       device=encoder.device.type, extra={"dtype": dtype_name})
+                       device=encoder.device.type, extra={"dtype": dtype_name, "computed_in": computed})
     return factory
 
 
@@ -227,7 +228,11 @@ def _gptq_factory(dtype_name: str) -> Factory:
             raise BackendError(f"gptq backend needs effir_export.export.gptq_loader ({exc})") from None
         folder = Path(spec.artifact)
         verify_artifact(folder, "gptq")
-        model = load_gptq_model(folder, dtype=getattr(torch, dtype_name))
+        from ..models.encoder import select_device
+        from ..models.precision import effective_dtype
+
+        dtype = effective_dtype(getattr(torch, dtype_name), select_device(None))
+        model = load_gptq_model(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:
@@ -238,7 +243,8 @@ def _gptq_factory(dtype_name: str) -> Factory:
         qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
         return Backend(spec, encoder, tokenizer, hash_files([folder / "config.json", folder / "model.safetensors"]),
                        artifact_bytes(folder), skeleton(folder), device=encoder.device.type,
-                       extra={"dtype": dtype_name, **{k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}})
+                       extra={"dtype": dtype_name, "computed_in": str(dtype).removeprefix("torch."),
+                              **{k: qcfg.get(k) for k in ("bits", "group_size", "sym", "desc_act")}})
     return factory
 
 
