@@ -69,15 +69,17 @@ def validated_config(cls, values: dict):
 @click.option("--http-port", type=int, default=None, help="Default: a free port.")
 @click.option("--grpc-port", type=int, default=None, help="Default: a free port.")
 @click.option("--timeout", type=float, default=180.0, show_default=True, help="Seconds to wait for readiness.")
-def serve(repo: str, http_port: int | None, grpc_port: int | None, timeout: float) -> None:
-    """Serve a cpu-flavour repository with the bundled tritonserver on 127.0.0.1 until Ctrl-C.
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; the default serves this machine only (0.0.0.0 exposes it to the network).")
+def serve(repo: str, http_port: int | None, grpc_port: int | None, timeout: float, host: str) -> None:
+    """Serve a cpu-flavour repository with the bundled tritonserver on 127.0.0.1 (--host) until Ctrl-C.
 
     Uses the serving environment made by `./install.sh serve` ($EFFIR_TRITON_ENV). Writes nothing
     (the server's log lives in a temporary folder removed at exit)."""
     from ..serve.server import TritonServer, TritonServerError
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, like Ctrl-C
-    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port).start(timeout=timeout)
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, host=host).start(timeout=timeout)
     try:
         click.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)")
         while server.process.poll() is None:

@@ -30,6 +30,7 @@ from ..errors import EffirError
 from ..models.sources import cache_root
 from .triton import REPOSITORY_META
 
+LOOPBACK = "127.0.0.1"  # servers bind here unless asked otherwise
 SERVING_PACKAGES = ("numpy", "onnxruntime", "tokenizers", "nvidia_pytriton")
 
 
@@ -60,7 +61,7 @@ def check_serving_env(env: Path) -> Path:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
@@ -81,15 +82,18 @@ def assemble_backends(env: Path, into: Path) -> Path:
 
 
 class TritonServer:
-    """A running tritonserver on 127.0.0.1 with free HTTP and gRPC ports (a context manager).
+    """A running tritonserver on 127.0.0.1 (``host`` to bind another address) with free HTTP and gRPC
+    ports (a context manager).
 
     ``TritonServer(repo).start()`` returns once every model is ready; :meth:`stop` always cleans up.
     The bundled server has only the python backend, so it refuses GPU-flavour repositories unless
     ``require_cpu_flavour=False`` (used to let it check their configs)."""
 
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
-                 env: Path | None = None, log_verbose: int = 0, require_cpu_flavour: bool = True):
+                 env: Path | None = None, log_verbose: int = 0, require_cpu_flavour: bool = True,
+                 host: str = LOOPBACK):
         self.repository = Path(repository).resolve()
+        self.host = host  # loopback unless the caller asks for another address
         self.require_cpu_flavour = require_cpu_flavour
         self.env = Path(env) if env is not None else serving_env()
         self.http_port = http_port
@@ -100,11 +104,11 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def log_path(self) -> Path:
@@ -124,20 +128,24 @@ class TritonServer:
         backends = assemble_backends(self.env, self.workdir / "backends")
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
-        command = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
-                   "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                   "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                   "--allow-metrics=false", "--disable-auto-complete-config", "--exit-on-error=true",
-                   "--strict-readiness=true", "--exit-timeout-secs=2", f"--log-verbose={self.log_verbose}"]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._environment(),
-                                            cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(self.command(binary, backends), stdout=log, stderr=subprocess.STDOUT,
+                                            env=self._environment(), cwd=self.workdir, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         try:
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def command(self, binary: Path, backends: Path) -> list[str]:
+        """The tritonserver command line: HTTP and gRPC on ``host`` only, metrics off."""
+        return [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+                f"--http-address={self.host}", f"--http-port={self.http_port}",
+                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                "--allow-metrics=false", "--disable-auto-complete-config", "--exit-on-error=true",
+                "--strict-readiness=true", "--exit-timeout-secs=2", f"--log-verbose={self.log_verbose}"]
 
     def _environment(self) -> dict:
         env = dict(os.environ)
