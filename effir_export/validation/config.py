@@ -30,14 +30,16 @@ class LatencyConfig(StrictModel):
     speed-ups are relative to (default: the reference).
 
     ```yaml
-    latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10, baseline: null}
+    latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10, online_repeats: 30, baseline: null}
     ```
+    ``online_repeats``: single queries timed one per call (p50/p99 of online serving; 0: skip).
     """
 
     query_batch: int = Field(8, ge=1)
     document_batch: int = Field(32, ge=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(10, ge=1)
+    online_repeats: int = Field(30, ge=0)
     baseline: str | None = None
 
 

@@ -1,10 +1,16 @@
 """Side-by-side latency and throughput of backends on identical batches, in a query regime (short
-texts, small batches) and a document regime (long texts, larger batches), with the FLOP-based bound
-on the speed-up next to the measured one."""
+texts, small batches), a document regime (long texts, larger batches) and an online regime (one
+query per call: the latency a search request sees, p50 and p99), with the FLOP-based bound on the
+speed-up next to the measured one.
+
+Besides the speed-up over the baseline, each backend gets its speed-up over the *full* model on the
+same runtime (same backend kind, precision and weights: the one with the most FLOPs per token among
+them), that pair's FLOP bound and the fraction of it realised: what compression buys on a runtime,
+apart from what the runtime itself buys."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -16,21 +22,32 @@ from .backends import Backend
 from .config import LatencyConfig
 
 
+Regime = Literal["query", "document", "online"]
+
+
 class BackendTiming(BaseModel):
     """One backend in one regime; ``speedup`` is baseline median / this median, ``flop_bound`` the
-    baseline's forward FLOPs per token over this backend's at the regime's padded length."""
+    baseline's forward FLOPs per token over this backend's at the regime's padded length.
+    ``same_backend_*``: the same against the full model on this backend's own runtime (``None`` for
+    that full model itself, or when no other backend shares the runtime); ``realised`` is
+    ``same_backend_speedup / same_backend_flop_bound``."""
 
     backend: str
     median_ms: float
     p95_ms: float
+    p99_ms: float | None = None
     tokens_per_s: float
     texts_per_s: float
     speedup: float
     flop_bound: float | None
+    same_backend_full: str | None = None
+    same_backend_speedup: float | None = None
+    same_backend_flop_bound: float | None = None
+    realised: float | None = None
 
 
 class RegimeReport(BaseModel):
-    regime: TextKind
+    regime: Regime
     batch_size: int
     batches: int
     mean_tokens_per_text: float
@@ -82,21 +99,49 @@ def measure_latency(backends: list[Backend], query_texts: list[str], document_te
     long_docs = sorted(document_texts, key=len, reverse=True)
     regimes = [_measure_regime(backends, base, "query", query_texts, config.query_batch, config),
                _measure_regime(backends, base, "document", long_docs, config.document_batch, config)]
+    if config.online_repeats:
+        regimes.append(_measure_regime(backends, base, "online", query_texts, 1, config, config.online_repeats))
     device = "cuda" if any(b.device == "cuda" for b in backends) else "cpu"
     return LatencyReport(device=device, timer="cuda events" if device == "cuda" else "time.perf_counter",
                          threads=torch.get_num_threads(), gpu_name=torch.cuda.get_device_name() if device == "cuda" else None,
                          baseline=baseline, warmup=config.warmup, repeats=config.repeats, regimes=regimes)
 
 
-def _measure_regime(backends: list[Backend], base: Backend, kind: TextKind, texts: list[str], size: int,
-                    config: LatencyConfig) -> RegimeReport:
-    batches = _batches(texts, size, config.warmup + config.repeats)
+def runtime_of(backend: Backend) -> tuple:
+    """What makes two backends the same runtime: kind, precision, weights and dtype."""
+    return (backend.spec.kind, *(backend.extra.get(k) for k in ("precision", "weights", "dtype")))
+
+
+def _same_backend(timings: list[BackendTiming], backends: list[Backend], padded: int) -> None:
+    """Fill the ``same_backend_*`` fields: each backend against the backend of its runtime with the
+    most FLOPs per token (the full model), when that one has more than it."""
+    flops = {b.name: b.flops_per_token(padded) for b in backends}
+    by_name = {t.backend: t for t in timings}
+    for backend in backends:
+        peers = [b for b in backends if runtime_of(b) == runtime_of(backend) and flops[b.name]]
+        if not flops[backend.name] or not peers:
+            continue
+        full = max(peers, key=lambda b: flops[b.name])
+        if flops[full.name] <= flops[backend.name]:
+            continue
+        timing = by_name[backend.name]
+        timing.same_backend_full = full.name
+        timing.same_backend_speedup = by_name[full.name].median_ms / timing.median_ms
+        timing.same_backend_flop_bound = flops[full.name] / flops[backend.name]
+        timing.realised = timing.same_backend_speedup / timing.same_backend_flop_bound
+
+
+def _measure_regime(backends: list[Backend], base: Backend, regime: Regime, texts: list[str], size: int,
+                    config: LatencyConfig, repeats: int | None = None) -> RegimeReport:
+    repeats = repeats or config.repeats
+    kind: TextKind = "document" if regime == "document" else "query"
+    batches = _batches(texts, size, config.warmup + repeats)
     counter = next(b for b in [base, *backends] if b.tokenizer is not None)  # an ONNX runner may hide its tokenizer
     lengths = [[len(ids) for ids in tokenize_texts(counter.tokenizer, batch, counter.encoder.settings, kind)]
                for batch in batches[config.warmup:]]
     seconds: dict[str, list[float]] = {b.name: [] for b in backends}
     timers = {b.name: _timer(b.device) for b in backends}
-    rounds = tqdm(range(len(batches)), desc=f"latency ({kind})", unit="round", leave=False)
+    rounds = tqdm(range(len(batches)), desc=f"latency ({regime})", unit="round", leave=False)
     for index in rounds:
         shift = index % len(backends)
         for backend in backends[shift:] + backends[:shift]:
@@ -114,9 +159,11 @@ def _measure_regime(backends: list[Backend], base: Backend, kind: TextKind, text
         flops = backend.flops_per_token(round(padded))
         timings.append(BackendTiming(
             backend=backend.name, median_ms=float(np.median(values) * 1e3),
-            p95_ms=float(np.percentile(values, 95) * 1e3), tokens_per_s=total_tokens / float(values.sum()),
+            p95_ms=float(np.percentile(values, 95) * 1e3), p99_ms=float(np.percentile(values, 99) * 1e3),
+            tokens_per_s=total_tokens / float(values.sum()),
             texts_per_s=size * len(values) / float(values.sum()), speedup=base_median / float(np.median(values)),
             flop_bound=base_flops / flops if base_flops and flops else None))
-    return RegimeReport(regime=kind, batch_size=size, batches=config.repeats,
-                        mean_tokens_per_text=total_tokens / (size * config.repeats), mean_padded_length=padded,
+    _same_backend(timings, backends, round(padded))
+    return RegimeReport(regime=regime, batch_size=size, batches=repeats,
+                        mean_tokens_per_text=total_tokens / (size * repeats), mean_padded_length=padded,
                         timings=timings)

@@ -137,17 +137,27 @@ def markdown(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
+def _x(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
 def latency_markdown(lat: LatencyReport) -> str:
     """The latency section: setup line, then one table per regime."""
     lines = ["## Latency", "", f"Device {lat.device}{' (' + lat.gpu_name + ')' if lat.gpu_name else ''}, "
              f"{lat.threads} threads, timer {lat.timer}, {lat.warmup} warm-up + {lat.repeats} timed batches per "
-             f"regime, backends interleaved, baseline `{lat.baseline}`; FLOP bound = baseline FLOPs/token ÷ backend's."]
+             f"regime (online: single queries), backends interleaved, baseline `{lat.baseline}`; FLOP bound = baseline "
+             "FLOPs/token ÷ backend's; vs full, same runtime = speed-up over the full model on the backend's own "
+             "runtime, with that pair's FLOP bound and the fraction of it realised."]
     for regime in lat.regimes:
-        lines += ["", f"**{regime.regime}** regime: batch {regime.batch_size}, {regime.mean_tokens_per_text:.1f} "
+        lines += ["", f"**{regime.regime}** regime: batch {regime.batch_size} ({regime.batches} timed), "
+                  f"{regime.mean_tokens_per_text:.1f} "
                   f"tokens/text, padded length {regime.mean_padded_length:.1f}", "",
-                  "| backend | median ms | p95 ms | tokens/s | speed-up | FLOP bound |", "|---|---|---|---|---|---|"]
-        lines += [f"| {t.backend} | {t.median_ms:.1f} | {t.p95_ms:.1f} | {t.tokens_per_s:.0f} | {t.speedup:.2f}x | "
-                  f"{'-' if t.flop_bound is None else f'{t.flop_bound:.2f}x'} |" for t in regime.timings]
+                  "| backend | p50 ms | p95 ms | p99 ms | tokens/s | speed-up | FLOP bound | vs full, same runtime "
+                  "| its FLOP bound | realised |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t.backend} | {t.median_ms:.1f} | {t.p95_ms:.1f} | {_x(t.p99_ms, '.1f', '')} | {t.tokens_per_s:.0f} "
+                  f"| {t.speedup:.2f}x | {_x(t.flop_bound)} | {_x(t.same_backend_speedup)} "
+                  f"| {_x(t.same_backend_flop_bound)} | {_x(t.realised and 100 * t.realised, '.0f', ' %')} |"
+                  for t in regime.timings]
     return "\n".join(lines)
 
 
@@ -180,6 +190,7 @@ def bench_markdown(report: BenchReport) -> str:
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
              f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}. Texts: `{report.dataset['path']}` "
              f"(slice {report.dataset.get('slice') or 'none'}).", "",
+             "Peak memory: each backend in a process of its own, encoding one document batch.", "",
              "| backend | params (M) | disk MB | peak (Δ) mem MB | batch x tokens |", "|---|---|---|---|---|"]
     for e in report.backends:
         lines.append(f"| {e.name} | {'-' if e.parameters is None else f'{e.parameters / 1e6:.1f}'} | {_mb(e.disk_bytes)} "

@@ -25,7 +25,7 @@ from .config import BenchConfig, LatencyConfig, ValidateConfig
 from .fidelity import fidelity
 from .gates import check_gates, evaluate_gates, load_gates, without_absent
 from .latency import LatencyReport, measure_latency
-from .memory import MemoryResult, measure_encode_memory
+from .memory import MemoryResult, measure_isolated
 from .report import BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench, write_reports
 
 
@@ -46,12 +46,13 @@ def _baseline(latency: LatencyConfig | None, names: list[str]) -> str:
     return baseline
 
 
-def _measure_memory(backends: list[Backend], texts: list[str], batch: int) -> list[MemoryResult]:
-    """Peak memory of each backend encoding the ``batch`` longest texts as one document batch."""
+def _measure_memory(backends: list[Backend], texts: list[str], batch: int, options: BackendOptions) -> list[MemoryResult]:
+    """Peak memory of each backend, in a process of its own, encoding the ``batch`` longest texts as one
+    document batch."""
     longest = sorted(texts, key=len, reverse=True)[:batch]
     counter = next(b for b in backends if b.tokenizer is not None)
     max_tokens = max(len(ids) for ids in tokenize_texts(counter.tokenizer, longest, counter.encoder.settings, "document"))
-    return [measure_encode_memory(b, longest, "document", max_tokens) for b in backends]
+    return [measure_isolated(str(b.spec), options, longest, "document", max_tokens) for b in backends]
 
 
 def _flops(backend: Backend, latency: LatencyReport | None) -> dict[str, int] | None:
@@ -109,12 +110,14 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
     with torch_threads(config.threads):
-        backends = build_backends(specs, BackendOptions(config.batch_size, embedding, config.threads))
+        options = BackendOptions(config.batch_size, embedding, config.threads)
+        backends = build_backends(specs, options)
         encoded = [_embed(b, data, cache_dir) for b in backends]
         results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
         _measure_fidelity(results, encoded, config.fidelity_to)
         if config.memory is not None:
-            for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch)):
+            for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch,
+                                                                   options)):
                 result.memory = memory
         latency = None
         if config.latency is not None:
@@ -145,8 +148,10 @@ def run_bench(config: BenchConfig, base_dir: str | Path | None = None,
     baseline = _baseline(config.latency, [s.name for s in specs])
     data = slice_beir(load_beir(config.data, config.split), config.slice)
     with torch_threads(config.threads):
-        backends = build_backends(specs, BackendOptions(config.batch_size, embedding, config.threads))
-        memory = _measure_memory(backends, data.corpus_texts, config.memory.batch) if config.memory else [None] * len(backends)
+        options = BackendOptions(config.batch_size, embedding, config.threads)
+        backends = build_backends(specs, options)
+        memory = (_measure_memory(backends, data.corpus_texts, config.memory.batch, options) if config.memory
+                  else [None] * len(backends))
         latency = measure_latency(backends, data.query_texts, data.corpus_texts, config.latency, baseline)
         machine = machine_info()
     entries = [BenchEntry(name=b.name, spec=str(b.spec), device=b.device, parameters=b.parameters,
