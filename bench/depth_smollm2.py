@@ -24,7 +24,7 @@ from effir_export.models.embedding import pad_batch, tokenize_texts
 from effir_export.models.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION = REPO.parent / "shared" / "data" / "calibration" / "msmarco_passages.txt"
+CALIBRATION = REPO / "data" / "calibration" / "msmarco_passages.txt"
 REGIMES = {"query": {"batch": 8, "tokens": 32}, "document": {"batch": 16, "tokens": 256}}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
 RESULTS = REPO / "bench" / "results"
 
 
@@ -96,7 +96,7 @@ def main() -> int:
     result = {
         "model": "smollm2-135m, MLPs of odd layers dropped (15 of 30)",
         "gptq": config.model_dump(exclude={"calibration"}),
-        "calibration": "shared/data/calibration/msmarco_passages.txt",
+        "calibration": "data/calibration/msmarco_passages.txt",
         "quantized_linears": report["quantized_linears"],
         "checkpoint_bytes": size,
         "fp32_bytes": fp32_bytes,

@@ -31,7 +31,7 @@ from effir_export.models.sources import LoadedModel, load_model
 from effir_export.runtime.ort import OrtEncoder
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
 CALIBRATION = DATA / "calibration" / "msmarco_passages.txt"
 REGIMES = {"query": {"batch": 16, "texts": 48}, "document": {"batch": 16, "texts": 32}}
 INT4 = [("rtn", True), ("gptq", True), ("rtn", False), ("gptq", False), ("hqq", False)]

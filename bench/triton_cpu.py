@@ -32,7 +32,7 @@ from effir_export.serve.server import TritonServer
 from effir_export.serve.triton import TritonConfig, write_triton_repository
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "dbpedia_subset"
+DATA = REPO / "data" / "dbpedia_subset"
 CONCURRENCY = 16
 
 

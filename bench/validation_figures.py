@@ -9,11 +9,10 @@ Each run writes bench/results/validation_<model>/ (report.json, report.md, junit
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EFFIR_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = REPO / "data"
 THREADS = 1  # the 2-core machine is shared: 2 OpenMP threads stall badly when other processes run
 
 
@@ -45,7 +44,7 @@ def minilm(work: Path):
     backends = ["bf16=torch-bf16:minilm-l6", f"onnx-fp32=onnx:{export(loaded, work / 'minilm-onnx', False)}",
                 f"onnx-int4=onnx:{export(loaded, work / 'minilm-onnx-int4', True)}"]
     return recipe, ValidateConfig(
-        reference="fp32=torch:minilm-l6", backends=backends, data=str(SHARED / "dbpedia_subset"),
+        reference="fp32=torch:minilm-l6", backends=backends, data=str(DATA / "dbpedia_subset"),
         gates=str(REPO / "validation" / "minilm-gates.yaml"), threads=THREADS,
         latency=LatencyConfig(query_batch=8, document_batch=32, warmup=2, repeats=10), memory=MemoryConfig(batch=32))
 
@@ -69,7 +68,7 @@ def smollm2(work: Path):
                 f"half-mlp=torch:{half_dir}", f"half-mlp-bf16=torch-bf16:{half_dir}",
                 f"half-mlp-onnx-int4=onnx:{export(half, work / 'smollm2-half-onnx-int4', True)}"]
     return recipe, ValidateConfig(
-        reference="fp32=torch:smollm2-135m", backends=backends, data=str(SHARED / "dbpedia_subset"),
+        reference="fp32=torch:smollm2-135m", backends=backends, data=str(DATA / "dbpedia_subset"),
         slice=SliceConfig(queries=5, documents=500, seed=0), gates=str(REPO / "validation" / "smollm2-gates.yaml"),
         threads=THREADS,
         latency=LatencyConfig(query_batch=8, document_batch=8, warmup=1, repeats=5), memory=MemoryConfig(batch=8))

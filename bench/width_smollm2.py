@@ -34,7 +34,7 @@ from effir_export.validation.config import SliceConfig
 from effir_export.validation.fidelity import fidelity
 
 REPO = Path(__file__).resolve().parents[1]
-DBPEDIA = REPO.parent / "shared" / "data" / "dbpedia_subset"
+DBPEDIA = REPO / "data" / "dbpedia_subset"
 
 
 def slice_ndcg(loaded, data) -> float:

@@ -1,5 +1,5 @@
 """The full default build (`effir-export build`, recipes/smollm2-135m.yaml) on the real SmolLM2-135M and
-the shared data: every stage runs on CPU, the gates pass, and the bundled tritonserver serves the
+the repository's data: every stage runs on CPU, the gates pass, and the bundled tritonserver serves the
 repository it leaves (the served embeddings equal ONNX Runtime's). About 10 minutes on 2 idle cores."""
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from effir_export.compress.score import ScoreConfig, score_sublayers
 from effir_export.errors import EffirError, StructureError
 from effir_export.models.encoder import Encoder
 from effir_export.models.format import save_model
+from effir_export.paths import CALIBRATION_TEXT, DATA_DIR
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3"]
 CALIBRATION = [f"calibration passage number {i} about {'retrieval ' * (i % 5)}and residual streams." for i in range(24)]
@@ -164,9 +165,9 @@ def test_compress_failure_writes_nothing(tmp_path, calibration):
 
 
 @pytest.mark.integration
-def test_scoring_the_real_smollm2(smollm2, shared_data):
+def test_scoring_the_real_smollm2(smollm2):
     scores = score_sublayers(smollm2, ScoreConfig(samples=64, max_length=128),
-                             shared_data / "calibration" / "msmarco_passages.txt", progress=False)
+                             CALIBRATION_TEXT, progress=False)
     values = list(scores.group("attention").values()) + list(scores.group("mlp").values())
     assert len(values) == 60 and all(np.isfinite(values)) and all(0 <= v <= 2 for v in values)
     assert len(set(np.round(values, 9))) == 60  # distinct per layer
@@ -175,12 +176,10 @@ def test_scoring_the_real_smollm2(smollm2, shared_data):
 
 def test_compress_runs_every_stage_of_the_recipe_in_order(tmp_path, calibration):
     """`compress --recipe R` with no --stage: depth, then width; the saved MLPs are narrower by the target."""
-    from conftest import SHARED_DATA
-
     loaded = tiny_loaded("llama")
     save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
     recipe = _recipe(tmp_path, tmp_path / "base", calibration)
-    pairs = SHARED_DATA / "msmarco_subset_pairs" / "pairs.jsonl"
+    pairs = DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl"
     recipe.write_text(recipe.read_text() + (
         f"width: {{data: {pairs}, max_pairs: 32, steps: 6, batch_size: 4, max_length: 16, lora: null, probe: 0,\n"
         "        sparsity: {target: 0.25, multiple_of: 4}}\n"))

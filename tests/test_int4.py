@@ -11,14 +11,13 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SHARED_DATA, tiny_loaded
+from conftest import tiny_loaded
 from effir_export.cli import main
 from effir_export.export.int4 import Int4Config, dequantize_node, matmul_nbits_node
 from effir_export.export.onnx import (ExportError, OnnxExportConfig, count_matmuls, expected_matmuls, export_onnx,
                                       layer_scopes)
+from effir_export.paths import CALIBRATION_TEXT as CALIBRATION
 from effir_export.quant.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
-
-CALIBRATION = SHARED_DATA / "calibration" / "msmarco_passages.txt"
 
 
 def correlated_inputs(samples: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -84,7 +83,7 @@ def int4_bytes(proto: onnx.ModelProto) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("method,symmetric", [("rtn", True), ("hqq", False), ("gptq", True), ("gptq", False)])
-def test_int4_export_of_a_rewritten_model_is_smaller_by_the_expected_ratio(method, symmetric, tmp_path, shared_data):
+def test_int4_export_of_a_rewritten_model_is_smaller_by_the_expected_ratio(method, symmetric, tmp_path):
     loaded = tiny_loaded("llama")
     loaded.model.adapter.remove_mlp(loaded.model.layers[1])
     block = 16
@@ -106,7 +105,7 @@ def test_int4_export_of_a_rewritten_model_is_smaller_by_the_expected_ratio(metho
     assert 0.99 < check["fidelity_to_float"]["mean_cosine"] < 1.0  # and 4 bits cost a little
 
 
-def test_gptq_embeddings_are_closer_to_fp32_than_rtn_on_a_tiny_model(tmp_path, shared_data):
+def test_gptq_embeddings_are_closer_to_fp32_than_rtn_on_a_tiny_model(tmp_path):
     fidelity = {}
     for method in ("rtn", "gptq"):
         loaded = tiny_loaded("mistral", seed=3)
@@ -144,7 +143,7 @@ def test_cli_gptq_with_a_missing_calibration_file_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_smollm2_gptq_is_closer_to_fp32_than_rtn(smollm2, tmp_path, shared_data):
+def test_smollm2_gptq_is_closer_to_fp32_than_rtn(smollm2, tmp_path):
     fidelity = {}
     for method in ("rtn", "gptq"):
         config = OnnxExportConfig(int4=Int4Config(method=method, block_size=32, symmetric=True, samples=64))

@@ -8,6 +8,7 @@ import pytest
 
 from effir_export.accounting import account
 from effir_export.models.encoder import Encoder
+from effir_export.paths import DATA_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +38,8 @@ def test_minilm_uses_its_sentence_transformers_settings(minilm):
     assert (s.pooling, s.normalize, s.max_length, s.append_eos) == ("mean", True, 256, False)
 
 
-def test_minilm_ranks_the_relevant_passage_first(minilm, shared_data):
-    lines = (shared_data / "msmarco_subset_pairs" / "pairs.jsonl").read_text().splitlines()
+def test_minilm_ranks_the_relevant_passage_first(minilm):
+    lines = (DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl").read_text().splitlines()
     pairs = [json.loads(line) for line in lines[:: len(lines) // 12][:12]]
     enc = Encoder(minilm.model, minilm.tokenizer)
     q = enc.encode_queries([p["query"] for p in pairs])

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from conftest import SHARED_DATA, tiny_loaded
+from conftest import tiny_loaded
 from effir_export.compress.sparsity import (HardConcreteRelaxation, LagrangianController, SigmoidRelaxation,
                                             SparsityConfig, sparsity)
 from effir_export.compress.width import WidthConfig, run_width_stage
 from effir_export.models.format import load_effir_model, save_model
+from effir_export.paths import DATA_DIR
 from effir_export.recipe import Recipe
 
-PAIRS = SHARED_DATA / "msmarco_subset_pairs" / "pairs.jsonl"
+PAIRS = DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl"
 
 
 def test_hard_concrete_starts_open_and_samples_in_unit_interval():
@@ -58,7 +59,7 @@ def test_target_ramps_up_over_the_warmup():
     assert SparsityConfig(target=0.3, warmup=0).target_at(0, 10) == 0.3
 
 
-def test_width_stage_reaches_the_target_and_cuts_exactly(shared_data, tmp_path):
+def test_width_stage_reaches_the_target_and_cuts_exactly(tmp_path):
     loaded = tiny_loaded("llama")
     target = 0.25
     config = WidthConfig(data=str(PAIRS), max_pairs=64, steps=60, batch_size=4, max_length=16, learning_rate=1e-3,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, tiny_loaded
+from conftest import tiny_loaded
 from effir_export.compress.finetune import FinetuneConfig, run_finetune_stage
 from effir_export.compress.gates import MlpGates
 from effir_export.compress.pairs import PairsError, TrainingPair, read_pairs
@@ -16,9 +16,10 @@ from effir_export.compress.sparsity import SparsityConfig, make_relaxation
 from effir_export.compress.train import (CheckpointError, ContrastiveTrainer, LoraSettings, TrainConfig,
                                          false_negative_mask, info_nce)
 from effir_export.compress.width import GateTraining
+from effir_export.paths import DATA_DIR
 from effir_export.recipe import Recipe, load_recipe
 
-PAIRS = SHARED_DATA / "msmarco_subset_pairs" / "pairs.jsonl"
+PAIRS = DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl"
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -175,15 +176,15 @@ def ndcg_at_10(loaded, data) -> float:
 
 @pytest.mark.integration
 @pytest.mark.slow  # ~2 min on an idle 2-core CPU, 13 min when the cores are shared
-def test_minilm_fine_tune_on_msmarco_pairs_keeps_held_out_dbpedia_quality(minilm, shared_data, tmp_path):
+def test_minilm_fine_tune_on_msmarco_pairs_keeps_held_out_dbpedia_quality(minilm, tmp_path):
     from effir_export.models.sources import load_model
     from effir_export.validation.beir import load_beir, slice_beir
     from effir_export.validation.config import SliceConfig
 
-    held_out = slice_beir(load_beir(shared_data / "dbpedia_subset"), SliceConfig(queries=20, documents=250, seed=0))
+    held_out = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"), SliceConfig(queries=20, documents=250, seed=0))
     loaded = load_model(minilm.folder or minilm.source)
     before = ndcg_at_10(loaded, held_out)
-    config = FinetuneConfig(data=str(shared_data / "msmarco_subset_pairs" / "pairs.jsonl"), steps=8, batch_size=8,
+    config = FinetuneConfig(data=str(DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl"), steps=8, batch_size=8,
                             max_length=64, temperature=0.05, learning_rate=5e-5, lora=None, precision="bf16", probe=16)
     out = run_finetune_stage(loaded, config, Recipe(name="minilm", model={"source": "minilm-l6"}), tmp_path,
                              progress=False)

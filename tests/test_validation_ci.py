@@ -1,4 +1,4 @@
-"""The CI gate: the real MiniLM validated on a slice of the shared dbpedia_subset with
+"""The CI gate: the real MiniLM validated on a slice of data/dbpedia_subset with
 validation/ci-gates.yaml (recipes/minilm-l6.yaml's validate section). It must pass, its nDCG@10
 must equal pytrec_eval's on an independently ranked run, and a degraded backend (noise added to
 the embeddings) must fail the fidelity and nDCG gates, visibly in the exit code and the JUnit XML."""
@@ -13,14 +13,13 @@ import pytrec_eval
 from click.testing import CliRunner
 
 from effir_export.cli import main
+from effir_export.paths import DATA_DIR, RECIPES_DIR
 from effir_export.validation import backends as backend_registry
 from effir_export.validation.beir import load_beir, slice_beir
 from effir_export.validation.config import SliceConfig
 
-from conftest import REPO_ROOT
-
 pytestmark = pytest.mark.integration
-RECIPE = REPO_ROOT / "recipes" / "minilm-l6.yaml"
+RECIPE = RECIPES_DIR / "minilm-l6.yaml"
 
 
 class NoisyEncoder:
@@ -40,8 +39,8 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("embedding-cache")
 
 
-def _validate(args, out, cache_dir, shared_data):
-    return CliRunner().invoke(main, ["validate", "--recipe", str(RECIPE), "--data", str(shared_data / "dbpedia_subset"),
+def _validate(args, out, cache_dir):
+    return CliRunner().invoke(main, ["validate", "--recipe", str(RECIPE), "--data", str(DATA_DIR / "dbpedia_subset"),
                                      "--cache-dir", str(cache_dir), "--out", str(out), *args])
 
 
@@ -50,8 +49,8 @@ def _junit(out):
     return suite, {(c.get("classname"), c.get("name")): c.find("failure") is None for c in suite.iter("testcase")}
 
 
-def test_minilm_ci_gate_passes_and_matches_pytrec_eval(shared_data, cache_dir, tmp_path):
-    result = _validate([], tmp_path / "report", cache_dir, shared_data)
+def test_minilm_ci_gate_passes_and_matches_pytrec_eval(cache_dir, tmp_path):
+    result = _validate([], tmp_path / "report", cache_dir)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     suite, cases = _junit(tmp_path / "report")
@@ -63,7 +62,7 @@ def test_minilm_ci_gate_passes_and_matches_pytrec_eval(shared_data, cache_dir, t
     assert {r["regime"] for r in report["latency"]["regimes"]} == {"query", "document"}
 
     # Independent check: rank the reference's embeddings by a full argsort and score with pytrec_eval directly.
-    data = slice_beir(load_beir(shared_data / "dbpedia_subset"), SliceConfig(queries=5, documents=500, seed=0))
+    data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"), SliceConfig(queries=5, documents=500, seed=0))
     cached = np.load(report["reference"]["embeddings_cache"])
     scores = cached["queries"] @ cached["corpus"].T  # MiniLM embeddings are normalised
     run = {q: {data.corpus_ids[i]: float(scores[r, i]) for i in np.argsort(-scores[r])[:100]}
@@ -74,7 +73,7 @@ def test_minilm_ci_gate_passes_and_matches_pytrec_eval(shared_data, cache_dir, t
     assert report["reference"]["retrieval"]["ndcg_at_10"] > 0.45
 
 
-def test_degraded_backend_fails_fidelity_and_ndcg_gates(shared_data, cache_dir, tmp_path, monkeypatch):
+def test_degraded_backend_fails_fidelity_and_ndcg_gates(cache_dir, tmp_path, monkeypatch):
     torch_factory = backend_registry.FACTORIES["torch"]
 
     def noisy(spec, options):
@@ -83,8 +82,7 @@ def test_degraded_backend_fails_fidelity_and_ndcg_gates(shared_data, cache_dir, 
         return backend
 
     monkeypatch.setitem(backend_registry.FACTORIES, "noisy", noisy)
-    result = _validate(["--backend", "broken=noisy:minilm-l6", "--no-latency", "--no-memory"], tmp_path / "report", cache_dir,
-                       shared_data)
+    result = _validate(["--backend", "broken=noisy:minilm-l6", "--no-latency", "--no-memory"], tmp_path / "report", cache_dir)
     assert result.exit_code == 1, result.output
     assert "gate(s) failed" in result.output and "min_cosine [broken]" in result.output
     suite, cases = _junit(tmp_path / "report")

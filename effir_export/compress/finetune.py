@@ -19,7 +19,7 @@ class FinetuneConfig(TrainConfig):
 
     ```yaml
     finetune:
-      data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl
+      data: ../data/msmarco_subset_pairs/pairs.jsonl
       steps: 30
       batch_size: 8
       max_length: 64

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..models.embedding import pad_batch, tokenize_texts
 from ..models.sources import LoadedModel
+from ..paths import CALIBRATION_TEXT
 from ..schema import StrictModel
 from .calibration import read_calibration_texts
 
@@ -26,7 +27,7 @@ class ScoreConfig(StrictModel):
     ```yaml
     depth:
       score:
-        calibration: ../../shared/data/calibration/msmarco_passages.txt   # text or JSONL
+        calibration: ../data/calibration/msmarco_passages.txt   # text or JSONL (default: this file of data/)
         samples: 64          # the paper uses 256 C4 samples
         max_length: 128
         batch_size: 8
@@ -34,7 +35,7 @@ class ScoreConfig(StrictModel):
     ```
     """
 
-    calibration: str = "../../shared/data/calibration/msmarco_passages.txt"
+    calibration: str = str(CALIBRATION_TEXT)
     samples: int = Field(64, ge=1)
     max_length: int = Field(128, ge=2)
     batch_size: int = Field(8, ge=1)

@@ -20,7 +20,7 @@ class WidthConfig(TrainConfig):
 
     ```yaml
     width:
-      data: ../../shared/data/msmarco_subset_pairs/pairs.jsonl
+      data: ../data/msmarco_subset_pairs/pairs.jsonl
       steps: 30
       batch_size: 8
       max_length: 64

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import EffirError
 from ..models.embedding import pad_batch, tokenize_texts
 from ..models.sources import LoadedModel
+from ..paths import CALIBRATION_TEXT
 from ..quant.gptq import HessianAccumulator, QuantizedWeight, gptq_quantize
 from ..schema import StrictModel
 
@@ -43,7 +44,7 @@ class Int4Config(StrictModel):
         block_size: 32         # input channels per scale (power of two, >= 16)
         symmetric: true        # false: a zero point per block too (hqq always fits one; default per method)
         accuracy_level: null   # MatMulNBits compute type: null (runtime default), 1 fp32, 2 fp16, 3 bf16, 4 int8
-        calibration: ../../shared/data/calibration/msmarco_passages.txt   # gptq only: text or JSONL
+        calibration: ../data/calibration/msmarco_passages.txt   # gptq only: text or JSONL (default: this file of data/)
         samples: 128           # gptq: calibration passages
         max_length: 128        # gptq: tokens per passage
         damp: 0.01             # gptq: Hessian dampening (fraction of its mean diagonal)
@@ -54,7 +55,7 @@ class Int4Config(StrictModel):
     block_size: int = Field(32, ge=16, le=256)
     symmetric: bool | None = None
     accuracy_level: Literal[1, 2, 3, 4] | None = None
-    calibration: str = "../../shared/data/calibration/msmarco_passages.txt"
+    calibration: str = str(CALIBRATION_TEXT)
     samples: int = Field(128, ge=1)
     max_length: int = Field(128, ge=2)
     damp: float = Field(0.01, gt=0, le=1)

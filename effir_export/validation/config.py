@@ -63,7 +63,7 @@ class ValidateConfig(StrictModel):
     validate:
       reference: torch:minilm-l6
       backends: [bf16=torch-bf16:minilm-l6, onnx:../out/onnx-fp32]
-      data: ../../shared/data/dbpedia_subset   # BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv
+      data: ../data/dbpedia_subset   # BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv
       split: test
       slice: {queries: 20, documents: 500, seed: 0}   # omit for the whole set
       batch_size: 32
@@ -115,7 +115,7 @@ class BenchConfig(StrictModel):
     ```yaml
     bench:
       backends: [torch:smollm2-135m, bf16=torch-bf16:smollm2-135m, onnx:../out/onnx-fp32]
-      data: ../../shared/data/dbpedia_subset
+      data: ../data/dbpedia_subset
       slice: {queries: 50, documents: 1000}
       threads: 2
       latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10}
