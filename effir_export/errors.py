@@ -22,3 +22,11 @@ class RecipeError(EffirError):
 
 class StructureError(EffirError):
     """A requested structural change (drop/resize) is invalid for this model."""
+
+
+class ExportError(EffirError):
+    """An export could not be produced or failed its checks."""
+
+
+class DatasetError(EffirError):
+    """A BEIR folder is missing files or is inconsistent."""

@@ -21,8 +21,9 @@ from typing import Callable
 from . import __version__
 from .compress.drop import check_drops
 from .errors import EffirError
+from .hashing import folder_hash, hash_files
 from .models.format import atomic_directory
-from .models.sources import hash_files, load_model
+from .models.sources import load_model
 from .outputs import make_folders, remove_empty
 from .recipe import Recipe, check_inputs
 
@@ -101,19 +102,10 @@ def referenced_inputs(payload: object, base_dir: Path) -> dict[str, str]:
             if path.is_file():
                 found[value] = hash_files([path])
             elif path.is_dir() and value not in (".", ""):
-                found[value] = folder_hash(path)
+                found[value] = folder_hash(path, exclude={MANIFEST})
 
     visit(payload)
     return found
-
-
-def folder_hash(folder: Path) -> str:
-    """Content hash of a folder's files (a stage's manifest excluded)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(hash_files([path]).encode())
-    return digest.hexdigest()[:16]
 
 
 def versions() -> dict:
@@ -185,7 +177,7 @@ def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str
         with atomic_directory(folder) as tmp:
             report = step.run(state, tmp)
             seconds = round(time.perf_counter() - started, 2)
-            output_hash = folder_hash(tmp)
+            output_hash = folder_hash(tmp, exclude={MANIFEST})
             (tmp / MANIFEST).write_text(json.dumps({
                 "stage": step.name, "key": key, "upstream": upstream, "output_hash": output_hash,
                 "settings": settings.model_dump(mode="json") if hasattr(settings, "model_dump") else settings,

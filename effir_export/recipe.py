@@ -20,11 +20,11 @@ from .export.onnx import OnnxExportConfig
 from .export.gptq import GptqConfig
 from .export.tensorrt import TensorRTConfig
 from .models.embedding import EmbeddingOverride
+from .paths import RECIPES_DIR
 from .schema import StrictModel
 from .serve.triton import TritonConfig
 from .validation.config import ValidateConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m.yaml"
 
 

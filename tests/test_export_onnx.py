@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from conftest import TEXTS, tiny_loaded
 from effir_export.cli import main
+from effir_export.errors import ExportError
 from effir_export.export import check as check_module
-from effir_export.export.onnx import (ExportError, OnnxExportConfig, check_structure, count_matmuls, export_onnx,
-                                      layer_scopes)
+from effir_export.export.onnx import OnnxExportConfig, check_structure, count_matmuls, export_onnx, layer_scopes
 from effir_export.models.embedding import pad_batch, tokenize_texts
 from effir_export.models.encoder import Encoder
 from effir_export.models.format import save_model

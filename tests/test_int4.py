@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import tiny_loaded
 from effir_export.cli import main
+from effir_export.errors import ExportError
 from effir_export.export.int4 import Int4Config, dequantize_node, matmul_nbits_node
-from effir_export.export.onnx import (ExportError, OnnxExportConfig, count_matmuls, expected_matmuls, export_onnx,
-                                      layer_scopes)
+from effir_export.export.onnx import OnnxExportConfig, count_matmuls, expected_matmuls, export_onnx, layer_scopes
 from effir_export.paths import CALIBRATION_TEXT as CALIBRATION
 from effir_export.quant.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 

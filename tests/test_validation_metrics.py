@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from effir_export.errors import EffirError
+from effir_export.errors import DatasetError, EffirError
 from effir_export.validation.backends import BackendError, BackendSpec, build_backend
-from effir_export.validation.beir import DatasetError, evaluate, load_beir, search, slice_beir
+from effir_export.validation.beir import evaluate, load_beir, search, slice_beir
 from effir_export.validation.config import SliceConfig
 from effir_export.validation.fidelity import fidelity
 from effir_export.validation.gates import Gate, GateError, check_gates, evaluate_gates, load_gates

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from ..errors import ExportError
 from ..models.embedding import tokenize_texts
 from ..models.encoder import Encoder
 from ..models.sources import LoadedModel
-from .onnx import ExportError
 
 CHECK_NAME = "export_check.json"
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import EffirError
+from ..errors import ExportError
 from ..models.format import EffirModel, atomic_directory
 from ..models.sources import LoadedModel
 from ..schema import StrictModel
@@ -40,10 +40,6 @@ INPUTS = ["input_ids", "attention_mask"]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph itself
 
 Precision = Literal["fp32", "fp16", "bf16"]
-
-
-class ExportError(EffirError):
-    """An export could not be produced or failed its checks."""
 
 
 class OnnxExportConfig(StrictModel):

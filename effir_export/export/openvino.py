@@ -21,14 +21,15 @@ from ..artifacts import FILES_NAME, record_file_hashes, verify_artifact
 from ..models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
 from ..models.encoder import Encoder
 from ..models.format import atomic_directory
-from ..models.sources import LoadedModel, hash_files
+from ..errors import ExportError
+from ..hashing import hash_files
+from ..models.sources import LoadedModel
 from ..paths import CALIBRATION_TEXT
 from ..runtime.openvino import (GRAPH_NAME, META_NAME, InferencePrecision, cpu_capabilities, require_precision)
 from ..schema import StrictModel
 from .check import CHECK_TEXTS, ExportCheck, ExportCheckError, _compare_run, _write
 from .onnx import GRAPH_NAME as ONNX_GRAPH
 from .onnx import META_NAME as ONNX_META
-from .onnx import ExportError
 
 Int8Mode = Literal["none", "weights", "static"]
 # (inference precision, int8 mode) -> min cosine per text to fp32 PyTorch; max abs difference (None: not gated)

@@ -15,8 +15,9 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
+from ..errors import ExportError
 from ..models.format import EffirModel
-from .onnx import ExportError, node_scope
+from .onnx import node_scope
 
 KEPT_FP32_OPS = ["Softmax", "LayerNormalization", "SimplifiedLayerNormalization", "ReduceL2", "Sin", "Cos"]
 POOLER_SCOPE = "/pooler/"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelSourceError
+from ..hashing import hash_files
 from .adapters import adapter_for_model_type
 from .embedding import EmbeddingConfig
 from .fetch import CHUNKED_MODELS, require_fetched
@@ -88,15 +89,6 @@ class LoadedModel:
 
 def cache_root() -> Path:
     return Path(os.environ.get("EFFIR_CACHE", Path.home() / ".cache" / "effir-export"))
-
-
-def hash_files(paths: list[Path], chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def load_model(source: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:

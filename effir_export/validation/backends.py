@@ -171,7 +171,7 @@ def _torch_factory(dtype_name: str) -> Factory:
 
 def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     """ONNX Runtime over an export folder; its embedding settings are the ones exported with it."""
-    from ..models.sources import hash_files
+    from ..hashing import hash_files
 
     folder = Path(spec.artifact)
     if not (folder / "model.onnx").is_file():
@@ -193,7 +193,7 @@ def _onnx_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
 
 def _openvino_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     """OpenVINO on the CPU over an ``effir-export export openvino`` folder, at its exported precision."""
-    from ..models.sources import hash_files
+    from ..hashing import hash_files
 
     folder = Path(spec.artifact)
     if not (folder / "effir_openvino.json").is_file():
@@ -220,7 +220,7 @@ def _gptq_factory(dtype_name: str) -> Factory:
         from transformers import AutoTokenizer
 
         from ..models.encoder import Encoder
-        from ..models.sources import hash_files
+        from ..hashing import hash_files
 
         try:
             from ..export.gptq_loader import load_gptq_model
@@ -253,7 +253,7 @@ def _tensorrt_factory(spec: BackendSpec, options: BackendOptions) -> Backend:
     ``effir_export.runtime.tensorrt.TrtEncoder.from_folder`` loads the engine folder."""
     import torch
 
-    from ..models.sources import hash_files
+    from ..hashing import hash_files
 
     if importlib.util.find_spec("tensorrt") is None:
         raise BackendError("tensorrt backend needs the 'tensorrt' Python package, which is not installed here; "

@@ -12,16 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytrec_eval
 
-from ..errors import EffirError
+from ..errors import DatasetError
+from ..hashing import hash_files
 from ..models.embedding import Document
-from ..models.sources import hash_files
 from .config import SliceConfig
 
 TOP_K = 100
-
-
-class DatasetError(EffirError):
-    """A BEIR folder is missing files or is inconsistent."""
 
 
 @dataclass(frozen=True)
