@@ -45,15 +45,48 @@ def _model_step(name: str) -> BuildStep:
 def _onnx_run(state: BuildState, folder: Path) -> dict:
     from .export.onnx import export_onnx
 
-    config = state.recipe.onnx.model_copy(update={"int4": None})
+    config = state.recipe.onnx.model_copy(update={"int4": None, "int8": None})
     export_onnx(_load_current(state), config, folder)
     return json.loads((folder / "export_check.json").read_text())
+
+
+def _int8_run(state: BuildState, folder: Path) -> dict:
+    from .export.onnx import export_onnx
+
+    config = state.recipe.onnx.model_copy(update={"precision": "fp32", "int4": None})
+    export_onnx(_load_current(state), config, folder)
+    return json.loads((folder / "export_check.json").read_text())
+
+
+def _openvino_run(state: BuildState, folder: Path) -> dict:
+    from .export.openvino import export_openvino
+
+    config = state.recipe.openvino
+    export_openvino(state.artifacts["onnx"], _load_current(state), config, folder,
+                    state.recipe.resolve_path(config.calibration))
+    return json.loads((folder / "export_check.json").read_text())
+
+
+def _openvino_skip(recipe: Recipe) -> str | None:
+    import importlib.util
+
+    if recipe.onnx is None:
+        return "OpenVINO converts the build's ONNX export; add an 'onnx:' section"
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+        return "OpenVINO/NNCF are not installed (pip install -e '.[openvino]')"
+    from .runtime.openvino import OpenVinoError, cpu_capabilities, require_precision
+
+    try:
+        require_precision(recipe.openvino.precision, cpu_capabilities())
+    except OpenVinoError as exc:
+        return str(exc)
+    return None
 
 
 def _int4_run(state: BuildState, folder: Path) -> dict:
     from .export.onnx import export_onnx
 
-    config = state.recipe.onnx.model_copy(update={"precision": "fp32"})
+    config = state.recipe.onnx.model_copy(update={"precision": "fp32", "int8": None})
     export_onnx(_load_current(state), config, folder, state.recipe.resolve_path(config.int4.calibration))
     return json.loads((folder / "export_check.json").read_text())
 
@@ -102,7 +135,8 @@ def _tensorrt_skip(recipe: Recipe) -> str | None:
 # compressed model in fp32 and bf16, and every export; exports are judged against the compressed model.
 DEFAULT_REFERENCE = "reference=torch:{reference}"
 DEFAULT_BACKENDS = ("compressed=torch:{model}", "compressed-bf16=torch-bf16:{model}", "onnx=onnx:{onnx}",
-                    "onnx-int4=onnx:{onnx-int4}", "gptq=gptq:{gptq}")
+                    "onnx-int4=onnx:{onnx-int4}", "onnx-int8=onnx:{onnx-int8}", "openvino=openvino:{openvino}",
+                    "gptq=gptq:{gptq}")
 
 
 def build_validation(config: ValidateConfig, state: BuildState,
@@ -192,6 +226,8 @@ def default_steps() -> list[BuildStep]:
         *[_model_step(name) for name in COMPRESSION_STAGES],
         _artifact_step("onnx", lambda r: r.onnx, _onnx_run),
         _artifact_step("onnx-int4", lambda r: r.onnx.int4 if r.onnx else None, _int4_run),
+        _artifact_step("onnx-int8", lambda r: r.onnx.int8 if r.onnx else None, _int8_run),
+        _artifact_step("openvino", lambda r: r.openvino, _openvino_run, _openvino_skip),
         _artifact_step("gptq", lambda r: r.gptq, _gptq_run, _gptq_skip),
         _artifact_step("tensorrt", lambda r: r.tensorrt, _tensorrt_run, _tensorrt_skip),
         _artifact_step("validation", lambda r: r.validation, _validate_run),

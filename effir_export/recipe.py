@@ -17,6 +17,7 @@ from .compress.finetune import FinetuneConfig
 from .compress.width import WidthConfig
 from .errors import RecipeError
 from .export.onnx import OnnxExportConfig
+from .export.openvino import OpenVinoExportConfig
 from .export.gptq import GptqConfig
 from .export.tensorrt import TensorRTConfig
 from .models.embedding import EmbeddingOverride
@@ -54,6 +55,7 @@ class Recipe(StrictModel):
     width: WidthConfig | None = None
     recovery: FinetuneConfig | None = None
     onnx: OnnxExportConfig | None = None
+    openvino: OpenVinoExportConfig | None = None  # built from the onnx stage's export
     gptq: GptqConfig | None = None
     tensorrt: TensorRTConfig | None = None
     validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
@@ -95,6 +97,8 @@ def input_paths(recipe: Recipe) -> dict[str, Path]:
         named["depth.score.calibration"] = recipe.depth.score.calibration
     if recipe.onnx is not None and recipe.onnx.int4 is not None and recipe.onnx.int4.method == "gptq":
         named["onnx.int4.calibration"] = recipe.onnx.int4.calibration
+    if recipe.openvino is not None and recipe.openvino.int8 == "static":
+        named["openvino.calibration"] = recipe.openvino.calibration
     if recipe.gptq is not None:
         named["gptq.calibration"] = recipe.gptq.calibration
     if recipe.validation is not None:

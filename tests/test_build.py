@@ -93,7 +93,7 @@ def test_build_fills_validation_placeholders_and_leaves_out_stages_not_built(tmp
     # no placeholder: the build's defaults (reference, compressed fp32 + bf16, every export built)
     filled, absent = build_validation(ValidateConfig(reference="torch:x", data="beir"), state, steps)
     assert filled.reference == "reference=torch:b/01-finetune" and "onnx=onnx:b/04-onnx" in filled.backends
-    assert filled.fidelity_to == "compressed" and absent == {"onnx-int4", "gptq"}
+    assert filled.fidelity_to == "compressed" and absent == {"onnx-int4", "onnx-int8", "openvino", "gptq"}
     with pytest.raises(EffirError, match="names '\\{gptqq\\}'; a build fills in"):
         build_validation(config.model_copy(update={"backends": ["g=gptq:{gptqq}"]}), state, steps)
 

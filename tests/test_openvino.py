@@ -150,3 +150,31 @@ def test_minilm_openvino_backends_match_torch(minilm, tmp_path):
         assert backend.extra["source_fingerprint"] == minilm.fingerprint()
         sizes.append(backend.disk_bytes)
     assert 0 < sizes[1] < 0.5 * sizes[0]
+
+
+def test_a_build_makes_the_openvino_stage_from_its_onnx_export(tmp_path):
+    import textwrap
+
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    (tmp_path / "calibration.txt").write_text("\n".join(f"passage {i} about retrieval {'x ' * i}" for i in range(12)))
+    (tmp_path / "recipe.yaml").write_text(textwrap.dedent("""\
+        name: tiny
+        model: {source: base}
+        embedding: {max_length: 32}
+        depth:
+          score: {calibration: calibration.txt, samples: 8, max_length: 32}
+          drop: {mlp: 1}
+        onnx: {int8: {}}
+        openvino: {int8: static, calibration: calibration.txt, samples: 8}
+        """))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "build")])
+    assert result.exit_code == 0, result.output
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "build" / "build_summary.json").read_text())["stages"]}
+    assert stages["openvino"]["status"] == stages["onnx-int8"]["status"] == "built"
+    onnx_meta = json.loads(next((tmp_path / "build").glob("*-onnx/effir_onnx.json")).read_text())
+    assert onnx_meta["weights"] == "float"  # the onnx stage stays float; int8 is its own stage
+    folder = next((tmp_path / "build").glob("*-openvino"))
+    meta = json.loads((folder / "effir_openvino.json").read_text())
+    assert meta["int8"] == "static" and meta["calibration"]["file"] == "calibration.txt"
+    assert json.loads((folder / "export_check.json").read_text())["min_cosine"] >= 0.99
