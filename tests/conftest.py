@@ -47,10 +47,11 @@ def char_tokenizer():
                                    bos_token="[BOS]", eos_token="[EOS]")
 
 
-def tiny_backbone(family: str, seed: int = 0):
+def tiny_backbone(family: str, seed: int = 0, config: dict | None = None):
+    """A random backbone of ``family``'s tiny config, with ``config``'s keys (e.g. widths) replaced."""
     from transformers import AutoConfig, AutoModel
 
-    cfg = dict(TINY_CONFIGS[family])
+    cfg = {**TINY_CONFIGS[family], **(config or {})}
     model_type = cfg.pop("model_type")
     extra = {"pad_token_id": 0, "eos_token_id": 3, "bos_token_id": 2}
     torch.manual_seed(seed)
@@ -59,14 +60,15 @@ def tiny_backbone(family: str, seed: int = 0):
     return AutoModel.from_config(config).eval()
 
 
-def tiny_loaded(family: str, seed: int = 0, **embedding):
-    """A LoadedModel around a tiny random backbone, with the family's default embedding settings."""
+def tiny_loaded(family: str, seed: int = 0, config: dict | None = None, **embedding):
+    """A LoadedModel around a tiny random backbone (``config``: keys of its config replaced), with the
+    family's default embedding settings."""
     from effir_export.models.adapters import adapter_for_model_type
     from effir_export.models.embedding import EmbeddingConfig
     from effir_export.models.format import EffirModel
     from effir_export.models.sources import LoadedModel
 
-    backbone = tiny_backbone(family, seed)
+    backbone = tiny_backbone(family, seed, config)
     adapter = adapter_for_model_type(backbone.config.model_type)
     settings = {"pooling": adapter.default_pooling, "append_eos": adapter.is_decoder, "max_length": 64, **embedding}
     model = EffirModel.wrap(backbone, EmbeddingConfig(**settings), provenance={"source": f"tiny-{family}"})

@@ -169,6 +169,21 @@ def test_checkpoint_feeds_a_matmulnbits_onnx_graph(exported, tmp_path):
     assert (onnx_emb * fp32_emb).sum(1).min() < same_weights.min()
 
 
+def test_without_a_group_size_the_export_picks_and_records_one(tmp_path):
+    """Input widths 32 (hidden, attention) and 48 (layer 0's MLP): 16 divides both, 32 does not divide 48."""
+    loaded = tiny_loaded("llama", seed=3)
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n".join(CALIBRATION))
+    result = CliRunner().invoke(main, ["export", "gptq", str(tmp_path / "model"), "--calibration",
+                                       str(tmp_path / "calib.txt"), "--out", str(tmp_path / "gptq"), "--samples", "16"])
+    assert result.exit_code == 0, result.output
+    assert "(group 16)" in result.output
+    report = json.loads((tmp_path / "gptq" / "gptq_report.json").read_text())
+    assert report["group_size"] == "group size 16: the largest power of two <= 128 dividing every input width (32, 48)"
+    assert report["config"]["group_size"] == 16
+    assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["group_size"] == 16
+
+
 @pytest.mark.slow
 def test_asymmetric_act_order_checkpoint_loads(tmp_path):
     from effir_export.errors import StructureError

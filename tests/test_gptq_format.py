@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import tiny_loaded
 from effir_export.cli import main
 from effir_export.errors import EffirError, StructureError
-from effir_export.export.gptq import GptqConfig, GptqError, check_quantizable, resolve_runner
+from effir_export.export.gptq import GptqConfig, GptqError, check_quantizable, resolve_group_size, resolve_runner
 from effir_export.export.gptq_loader import GptqWeight, load_gptq_model, pack_int32, unpack_int32
 
 
@@ -83,6 +83,40 @@ def test_group_size_must_divide_every_input_width():
     check_quantizable(loaded.model, GptqConfig(group_size=16))
     with pytest.raises(GptqError, match=r"group_size 32 does not divide the input width\(s\) \[48\]"):
         check_quantizable(loaded.model, GptqConfig(group_size=32))
+
+
+@pytest.mark.parametrize("hidden,mlp,expected", [(32, 48, 16), (256, 384, 128), (576, 1536, 64), (576, 1024, 64),
+                                                 (960, 2560, 64), (2048, 8192, 128)])
+def test_without_a_group_size_the_largest_power_of_two_dividing_every_width_is_picked(hidden, mlp, expected, caplog):
+    loaded = tiny_loaded("llama", config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1))
+    with caplog.at_level("INFO", logger="effir_export.export.gptq"):
+        config, choice = resolve_group_size(loaded.model, GptqConfig())
+    assert config.group_size == expected and all(w % expected == 0 for w in (hidden, mlp))
+    assert any(w % (2 * expected) for w in (hidden, mlp)) or expected == 128  # the largest such power of two
+    assert choice == (f"group size {expected}: the largest power of two <= 128 dividing every input width "
+                      f"({', '.join(map(str, sorted({hidden, mlp})))})") and choice in caplog.text
+    check_quantizable(loaded.model, config)  # the picked size passes the explicit check
+
+
+def test_a_given_group_size_is_kept_and_checked_as_before():
+    loaded = tiny_loaded("llama", config=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1))
+    assert resolve_group_size(loaded.model, GptqConfig(group_size=32)) == (GptqConfig(group_size=32), "group size 32: given")
+    assert resolve_group_size(loaded.model, GptqConfig(group_size=-1))[0].group_size == -1
+    with pytest.raises(GptqError, match=r"group_size 128 does not divide the input width\(s\) \[576\]; pick a divisor of \[576, 1536\]"):
+        check_quantizable(loaded.model, GptqConfig(group_size=128))
+
+
+def test_no_automatic_group_size_when_no_power_of_two_from_16_divides_every_width():
+    loaded = tiny_loaded("llama", config=dict(hidden_size=40, intermediate_size=56, num_hidden_layers=1))
+    with pytest.raises(GptqError, match=r"no power of two from 16 to 128 divides every input width \[40, 56\]; "
+                                        r"pass --group-size -1"):
+        resolve_group_size(loaded.model, GptqConfig())
+
+
+@pytest.mark.integration
+def test_smollm2_default_group_size_is_64(smollm2):
+    config, choice = resolve_group_size(smollm2.model, GptqConfig())
+    assert config.group_size == 64 and choice.endswith("(576, 1536)")
 
 
 def test_encoder_families_are_refused():

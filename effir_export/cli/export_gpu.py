@@ -31,7 +31,9 @@ def _recipe_section(recipe_path: str | None, name: str):
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
               help="Recipe whose gptq: section gives the defaults.")
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), default=None, help="Bits per weight (default 4).")
-@click.option("--group-size", type=int, default=None, help="Columns per quantisation group; -1 = per row (default 128).")
+@click.option("--group-size", type=int, default=None,
+              help="Columns per quantisation group; -1 = per row (default: the largest power of two <= 128 that "
+                   "divides every input width, logged).")
 @click.option("--sym/--asym", default=None, help="Symmetric grid (zero point fixed mid-range) or one zero per group.")
 @click.option("--desc-act/--no-desc-act", default=None, help="Quantise columns in order of activation size.")
 @click.option("--samples", type=int, default=None, help="Calibration passages used (default 128).")
@@ -61,7 +63,7 @@ def gptq_command(model, calibration, out, recipe_path, bits, group_size, sym, de
     path = Path(calibration) if calibration else recipe.resolve_path(config.calibration)
     report = export_gptq(model, path, out, config, python=python)
     click.echo(f"wrote {out}: {report['quantized_linears']} linear layers in {config.bits} bits "
-               f"(group {config.group_size}), {report['weights_bytes'] / 1e6:.1f} MB")
+               f"(group {report['config']['group_size']}), {report['weights_bytes'] / 1e6:.1f} MB")
 
 
 @click.command("trt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,13 +32,16 @@ from ..errors import EffirError
 from ..models.embedding import tokenize_texts
 from ..models.format import WEIGHTS_NAME, EffirModel, atomic_directory
 from ..models.sources import LoadedModel, load_model
+from ..paths import REPO_ROOT
 from ..schema import StrictModel
 from .gptq_worker import STRUCTURE_KEY
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
+
 DEFAULT_GPTQ_PYTHON = REPO_ROOT / ".venv-gptq" / "bin" / "python"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
 LOG_NAME = "gptqmodel.log"  # the GPTQModel worker's output, kept in the checkpoint folder
+AUTO_GROUP_MAX, AUTO_GROUP_MIN = 128, 16  # the automatic group size: a power of two in this range
 INSTALL_HINT = "run `./install.sh gptq` (builds GPTQModel into .venv-gptq) or set EFFIR_GPTQ_PYTHON to a Python that has gptqmodel"
 
 
@@ -51,7 +55,8 @@ class GptqConfig(StrictModel):
     ```yaml
     gptq:
       bits: 4
-      group_size: 32            # divides every layer's input width; -1 = one group per output row
+      group_size: 64            # divides every layer's input width; -1 = one group per output row;
+                                # omitted: the largest power of two <= 128 dividing every input width
       sym: true
       desc_act: false
       damp_percent: 0.05
@@ -62,7 +67,7 @@ class GptqConfig(StrictModel):
     """
 
     bits: Literal[2, 4, 8] = 4
-    group_size: int = Field(default=128, ge=-1)
+    group_size: int | None = Field(default=None, ge=-1)
     sym: bool = True
     desc_act: bool = False
     damp_percent: float = Field(default=0.05, gt=0, lt=1)
@@ -72,7 +77,7 @@ class GptqConfig(StrictModel):
 
     @field_validator("group_size")
     @classmethod
-    def _group(cls, value: int) -> int:
+    def _group(cls, value: int | None) -> int | None:
         if value == 0:
             raise ValueError("group_size must be a positive number of input columns, or -1 for one group per row")
         return value
@@ -84,9 +89,10 @@ def export_gptq(source: str | Path | LoadedModel, calibration: str | Path, out_d
 
     Returns the facts written to ``out_dir/gptq_report.json`` (config, sizes, tensor count).
     """
-    config = config or GptqConfig()
     loaded = source if isinstance(source, LoadedModel) else load_model(source)
+    config = config or GptqConfig()
     check_quantizable(loaded.model, config)
+    config, group_choice = resolve_group_size(loaded.model, config)
     texts, calibration_hash = read_calibration_texts(Path(calibration), config.samples)
     ids = [x[: config.max_length] for x in tokenize_texts(loaded.tokenizer, texts, loaded.embedding, "document")]
     runner = resolve_runner(python)
@@ -102,8 +108,32 @@ def export_gptq(source: str | Path | LoadedModel, calibration: str | Path, out_d
         (tmp / "request.json").write_text(json.dumps(request))
         runner(tmp / "request.json")
         report = write_effir_checkpoint(loaded, tmp / "quantized", out_dir, config,
-                                        {"file": str(calibration), "samples": len(ids), "fingerprint": calibration_hash})
+                                        {"file": str(calibration), "samples": len(ids), "fingerprint": calibration_hash},
+                                        group_choice)
     return report
+
+
+def input_widths(model: EffirModel) -> list[int]:
+    """The input widths of the Linear layers GPTQ quantises (every Linear inside the layers)."""
+    return sorted({m.in_features for layer in model.layers for m in layer.modules() if isinstance(m, nn.Linear)})
+
+
+def resolve_group_size(model: EffirModel, config: GptqConfig) -> tuple[GptqConfig, str]:
+    """``config`` with its group size decided, and how: as given, or (when none is given) the largest power
+    of two <= 128 that divides every quantised layer's input width, which is logged."""
+    if config.group_size is not None:
+        return config, f"group size {config.group_size}: given"
+    widths = input_widths(model)
+    size = AUTO_GROUP_MAX
+    while size >= AUTO_GROUP_MIN and any(w % size for w in widths):
+        size //= 2
+    if size < AUTO_GROUP_MIN:
+        raise GptqError(f"no power of two from {AUTO_GROUP_MIN} to {AUTO_GROUP_MAX} divides every input width "
+                        f"{widths}; pass --group-size -1 (one group per row) or a divisor of them (gptq.group_size)")
+    choice = (f"group size {size}: the largest power of two <= {AUTO_GROUP_MAX} dividing every input width "
+              f"({', '.join(map(str, widths))})")
+    log.info(choice)
+    return config.model_copy(update={"group_size": size}), choice
 
 
 def check_quantizable(model: EffirModel, config: GptqConfig) -> None:
@@ -111,13 +141,13 @@ def check_quantizable(model: EffirModel, config: GptqConfig) -> None:
     if not model.adapter.is_decoder:
         raise GptqError(f"GPTQ export supports decoder retrievers (GPTQModel loads them as causal LMs); "
                         f"family '{model.adapter.name}' is an encoder: use the 4-bit ONNX export instead")
-    if config.group_size <= 0:
+    if config.group_size is None or config.group_size <= 0:
         return
-    widths = {m.in_features for layer in model.layers for m in layer.modules() if isinstance(m, nn.Linear)}
-    bad = sorted(w for w in widths if w % config.group_size)
+    widths = input_widths(model)
+    bad = [w for w in widths if w % config.group_size]
     if bad:
         raise GptqError(f"group_size {config.group_size} does not divide the input width(s) {bad}; "
-                        f"pick a divisor of {sorted(widths)} (e.g. 32) or -1")
+                        f"pick a divisor of {widths} (e.g. 32), -1, or leave it out to pick one automatically")
 
 
 def stage_model(loaded: LoadedModel, folder: Path) -> None:
@@ -164,7 +194,7 @@ def _run_worker(interpreter: Path, request: Path) -> None:
 
 
 def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, config: GptqConfig,
-                           calibration: dict) -> dict:
+                           calibration: dict, group_choice: str) -> dict:
     """GPTQModel's ``model.*`` checkpoint -> an effir folder (``backbone.*`` keys, head dropped)."""
     qcfg = json.loads((quantized / QUANTIZE_CONFIG_NAME).read_text())
     state: dict = {}
@@ -186,7 +216,7 @@ def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, 
         if (quantized.parent / LOG_NAME).is_file():
             shutil.copyfile(quantized.parent / LOG_NAME, tmp / LOG_NAME)
         report = {"source": loaded.source, "config": config.model_dump(), "quantize_config": qcfg,
-                  "calibration": calibration, "quantized_linears": len(quantized_layers),
+                  "calibration": calibration, "group_size": group_choice, "quantized_linears": len(quantized_layers),
                   "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size}
         (tmp / "gptq_report.json").write_text(json.dumps(report, indent=2))
         record_file_hashes(tmp, "gptq")
