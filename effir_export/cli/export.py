@@ -139,8 +139,10 @@ def openvino_command(source, out, precision, int8, calibration, samples, model) 
     from ..export.onnx import OnnxExportConfig, export_onnx
     from ..export.openvino import OpenVinoExportConfig, export_openvino, read_onnx_source
     from ..models.sources import load_model
+    from ..outputs import check_output_path
     from ..runtime.openvino import cpu_capabilities, require_precision
 
+    check_output_path(out, [source, model, calibration])
     config = OpenVinoExportConfig(precision=precision, int8=int8, samples=samples,
                                   **({"calibration": calibration} if calibration else {}))
     require_precision(config.precision, cpu_capabilities())  # before any slow work
