@@ -1,6 +1,6 @@
 """Benchmark: the full and the compressed model on every CPU backend, in one process run: PyTorch fp32
-and bf16, ONNX Runtime fp32 and dynamic int8, OpenVINO fp32, bf16 (where the CPU has it) and int8
-(weights only; weights + activations).
+and bf16, ONNX Runtime fp32 and dynamic int8, OpenVINO fp32, bf16 (where the CPU has it), int8
+(weights only; weights + activations) and bf16 with int8 weights.
 
 For each model it exports the ONNX, int8 ONNX and OpenVINO artifacts (each with its mandatory check),
 then times every backend on the same batches, interleaved (effir_export.validation.latency):
@@ -50,11 +50,12 @@ FIDELITY_FLOORS = {"fp32": 0.9999, "bf16": 0.999, "int8": 0.99}
 # name suffix -> (backend kind, artifact key); artifacts are made per model in make_artifacts
 RUNTIMES = {"torch-fp32": ("torch", "model"), "torch-bf16": ("torch-bf16", "model"), "ort-fp32": ("onnx", "onnx"),
             "ort-int8": ("onnx", "onnx-int8"), "ov-fp32": ("openvino", "ov-fp32"), "ov-bf16": ("openvino", "ov-bf16"),
-            "ov-int8w": ("openvino", "ov-int8w"), "ov-int8": ("openvino", "ov-int8")}
+            "ov-int8w": ("openvino", "ov-int8w"), "ov-int8": ("openvino", "ov-int8"),
+            "ov-bf16-int8w": ("openvino", "ov-bf16-int8w")}
 
 
 def numeric_kind(runtime: str) -> str:
-    return "bf16" if "bf16" in runtime else "int8" if "int8" in runtime else "fp32"
+    return "int8" if "int8" in runtime else "bf16" if "bf16" in runtime else "fp32"
 
 
 def models_from_build(build: Path) -> tuple[Path, Path]:
@@ -71,17 +72,21 @@ def models_from_build(build: Path) -> tuple[Path, Path]:
     return full, compressed
 
 
-def make_artifacts(name: str, model: Path, work: Path, skip: list[str], samples: int) -> dict[str, str]:
-    """Export the model's ONNX, int8 ONNX and OpenVINO folders under ``work/name``; an export the CPU
-    cannot make (bf16 without the instructions) is listed in ``skip`` with its reason."""
+def make_artifacts(name: str, model: Path, work: Path, needed: set[str], skip: list[str], samples: int) -> dict[str, str]:
+    """Export the ``needed`` ONNX, int8 ONNX and OpenVINO folders of the model under ``work/name``; an
+    export the CPU cannot make (bf16 without the instructions) is listed in ``skip`` with its reason."""
     loaded = load_model(model)
     folders = {"model": str(model)}
     onnx = export_onnx(loaded, OnnxExportConfig(), work / name / "onnx")
     folders["onnx"] = str(onnx)
-    folders["onnx-int8"] = str(export_onnx(loaded, OnnxExportConfig(int8=OrtInt8Config()), work / name / "onnx-int8"))
+    if "onnx-int8" in needed:
+        folders["onnx-int8"] = str(export_onnx(loaded, OnnxExportConfig(int8=OrtInt8Config()), work / name / "onnx-int8"))
     for key, config in {"ov-fp32": OpenVinoExportConfig(), "ov-bf16": OpenVinoExportConfig(precision="bf16"),
                         "ov-int8w": OpenVinoExportConfig(int8="weights"),
+                        "ov-bf16-int8w": OpenVinoExportConfig(precision="bf16", int8="weights"),
                         "ov-int8": OpenVinoExportConfig(int8="static", samples=samples)}.items():
+        if key not in needed:
+            continue
         try:
             folders[key] = str(export_openvino(onnx, loaded, config, work / name / key))
         except EffirError as exc:
@@ -224,8 +229,9 @@ def run(args, full: Path, compressed: Path, runtimes: list[str], work: Path) -> 
     from effir_export.validation.run import machine_info
 
     skipped: list[str] = []
-    artifacts = {"full": make_artifacts("full", full, work, skipped, args.calibration_samples),
-                 "compressed": make_artifacts("compressed", compressed, work, skipped, args.calibration_samples)}
+    needed = {RUNTIMES[r][1] for r in runtimes}
+    artifacts = {name: make_artifacts(name, model, work, needed, skipped, args.calibration_samples)
+                 for name, model in (("full", full), ("compressed", compressed))}
     specs = [f"{model}-{runtime}={RUNTIMES[runtime][0]}:{artifacts[model][RUNTIMES[runtime][1]]}"
              for runtime in runtimes for model in ("full", "compressed") if RUNTIMES[runtime][1] in artifacts[model]]
     options = BackendOptions(batch_size=16, threads=args.threads)
