@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,8 @@ class ContrastiveTrainer:
 
     def _load_checkpoint(self, key: str, extension: nn.Module, optimizer, result: TrainResult) -> int:
         folder = self.checkpoint_dir / "latest"
+        for stale in self.checkpoint_dir.glob(".latest.*-*"):  # left by a save that was killed mid-way
+            shutil.rmtree(stale, ignore_errors=True)
         if not (folder / "state.json").is_file():
             return 0
         meta = json.loads((folder / "state.json").read_text())
