@@ -75,6 +75,20 @@ def test_keep_float_none_quantises_every_linear(tmp_path):
     assert ops.count("MatMulInteger") == meta["structure"]["matmuls"]["weight_total"]
 
 
+def test_blockwise_int8_uses_8_bit_matmulnbits_for_every_linear(tmp_path):
+    loaded = tiny_loaded("qwen2")
+    folder = export_onnx(loaded, OnnxExportConfig(int8=OrtInt8Config(method="blockwise")), tmp_path / "int8")
+    meta = json.loads((folder / "effir_onnx.json").read_text())
+    assert meta["int8"]["method"] == "blockwise" and meta["int8"]["keep_float"] == "none"
+    nodes = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == meta["structure"]["matmuls"]["weight_total"]
+    attrs = {a.name: a.i for a in nodes[0].attribute}
+    assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
+    assert json.loads((folder / "export_check.json").read_text())["min_cosine"] >= 0.99
+    with pytest.raises(ValueError, match="power of two"):
+        OrtInt8Config(method="blockwise", block_size=48)
+
+
 def test_reduce_range_follows_the_cpu_when_not_set(tmp_path):
     flags = tmp_path / "cpuinfo"
     flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
@@ -93,6 +107,12 @@ def test_cli_int8_export_and_bad_combination(tmp_path):
                                   "--out", str(tmp_path / "int8")])
     assert result.exit_code == 0, result.output
     assert "int8 dynamic" in result.output and "(>= 0.99)" in result.output
+    blockwise = runner.invoke(main, ["export", "onnx", str(tmp_path / "model"), "--weights", "int8", "--int8-method",
+                                     "blockwise", "--out", str(tmp_path / "int8b")])
+    assert blockwise.exit_code == 0 and "int8 blockwise" in blockwise.output, blockwise.output
+    orphan = runner.invoke(main, ["export", "onnx", str(tmp_path / "model"), "--int8-method", "blockwise",
+                                  "--out", str(tmp_path / "orphan")])
+    assert orphan.exit_code == 2 and "--int8-method applies to --weights int8 only" in orphan.output
     bad = runner.invoke(main, ["export", "onnx", str(tmp_path / "model"), "--weights", "int8", "--precision", "fp16",
                                "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--weights int8" in bad.output and "Traceback" not in bad.output

@@ -25,8 +25,10 @@ def register(group: click.Group) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Graph precision (fp16/bf16 for GPU runtimes; norms, softmax and the L2 norm stay fp32).")
 @click.option("--weights", type=click.Choice(["float", "int4", "int8"]), default=None,
-              help="int4: 4-bit weight-only MatMulNBits graph; int8: dynamic int8 (ONNX Runtime on CPUs, "
-                   "MatMulInteger; per-channel weights).")
+              help="int4: 4-bit weight-only MatMulNBits graph; int8: int8 for ONNX Runtime on CPUs (see --int8-method).")
+@click.option("--int8-method", type=click.Choice(["dynamic", "blockwise"]), default=None,
+              help="int8: dynamic (MatMulInteger, per-channel weights, per-tensor activations; default) or blockwise "
+                   "(8-bit MatMulNBits, int8 activations per block of 32: faithful on decoder LMs).")
 @click.option("--method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None, help="4-bit method.")
 @click.option("--block-size", type=int, default=None, help="4-bit block size (power of two, >= 16).")
 @click.option("--symmetric/--asymmetric", default=None, help="4-bit: symmetric blocks, or a zero point per block.")
@@ -34,7 +36,7 @@ def register(group: click.Group) -> None:
               help="GPTQ calibration text: one passage per line, or JSONL with a 'text' field.")
 @click.option("--token-states", is_flag=True, default=None, help="Also output the token states.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
-def onnx_command(model, out, recipe_path, precision, weights, method, block_size, symmetric, calibration,
+def onnx_command(model, out, recipe_path, precision, weights, int8_method, method, block_size, symmetric, calibration,
                  token_states, opset) -> None:
     """Export MODEL (folder, .gguf or alias) to one ONNX graph: input_ids + attention_mask (int64, dynamic
     batch and sequence) -> L2-normalised, pooled `embedding` (and optionally `token_states`).
@@ -50,7 +52,8 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
 
     check_output_path(out, [model])
     recipe = load_recipe(recipe_path) if recipe_path else None
-    config = build_config(recipe.onnx if recipe else None, precision=precision, token_states=token_states,
+    config = build_config(recipe.onnx if recipe else None, int8_method=int8_method, precision=precision,
+                          token_states=token_states,
                           opset=opset, weights=weights, method=method, block_size=block_size, symmetric=symmetric)
     calibration_path = None
     if config.int4 is not None and config.int4.method == "gptq":
@@ -63,12 +66,12 @@ def onnx_command(model, out, recipe_path, precision, weights, method, block_size
     check = json.loads((folder / "export_check.json").read_text())
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     click.echo(f"wrote {folder}/model.onnx ({size / 1e6:.1f} MB, {config.precision}, "
-               f"{'int4 ' + config.int4.method if config.int4 else 'int8 dynamic' if config.int8 else 'float weights'})")
+               f"{'int4 ' + config.int4.method if config.int4 else 'int8 ' + config.int8.method if config.int8 else 'float weights'})")
     click.echo(format_check(check))
 
 
 def build_config(base, weights: str | None, method: str | None, block_size: int | None, symmetric: bool | None,
-                 **overrides):
+                 int8_method: str | None = None, **overrides):
     """The recipe's ``onnx:`` section (or the defaults) with the command-line options applied; a recipe
     ``int4:`` (``int8:``) section means int4 (int8) unless ``--weights`` says otherwise."""
     from pydantic import ValidationError
@@ -90,6 +93,10 @@ def build_config(base, weights: str | None, method: str | None, block_size: int 
         data["int8"] = None
     elif weights == "int8":
         data["int8"] = data["int8"] or {}
+    if int8_method is not None:
+        if data["int8"] is None:
+            raise click.UsageError("--int8-method applies to --weights int8 only")
+        data["int8"] = {**data["int8"], "method": int8_method, "keep_float": None}  # the method's own default
     if int4_options and data["int4"] is None:
         raise click.UsageError("--method/--block-size/--symmetric apply to --weights int4 only")
     try:
