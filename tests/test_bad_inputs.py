@@ -517,3 +517,18 @@ def test_real_process_prints_one_line_and_no_traceback(good, tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "does not load" in one_error_line(proc.stderr)
+
+
+def test_a_build_whose_first_stage_fails_inside_leaves_no_out_folder(good, tmp_path):
+    """The issue's case: the first stage starts (its progress line is printed) and fails inside; the
+    error is the last line, and neither --out nor a temp folder is left (only the preflight checks run
+    before a stage, so this failure happens in the stage itself)."""
+    args = _recipe_args(tmp_path, good, "finetune: {data: pairs.jsonl, steps: 1}\n")
+    with open(tmp_path / "pairs.jsonl", "a") as handle:
+        handle.write('{"query": "broken line"\n')
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and "finetune   running" in lines[0], result.output
+    assert lines[-1].startswith("error: ") and "pairs.jsonl:9" in lines[-1] and "Traceback" not in result.output
+    assert snapshot(tmp_path) == before and not (tmp_path / "build").exists()
