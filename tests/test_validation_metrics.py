@@ -172,7 +172,7 @@ def test_backend_specs_parse_and_fail_clearly(tmp_path):
     assert BackendSpec.parse(str(named)) == named
     with pytest.raises(BackendError, match="is not \\[NAME=\\]KIND:ARTIFACT"):
         BackendSpec.parse("minilm-l6")
-    with pytest.raises(BackendError, match="unknown backend kind 'jax'.*known kinds: gptq, gptq-bf16, onnx, tensorrt, torch"):
+    with pytest.raises(BackendError, match="unknown backend kind 'jax'.*known kinds: gptq, gptq-bf16, onnx, openvino, tensorrt, torch"):
         build_backend("jax:model")
     with pytest.raises(BackendError, match="'\\{model\\}', a placeholder that `effir-export build` fills"):
         build_backend("compressed=torch:{model}")
