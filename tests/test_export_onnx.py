@@ -105,8 +105,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "notamodel").mkdir()
     result = CliRunner().invoke(main, ["export", "onnx", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "error:" in result.output and "not a model folder" in result.output
-    result = CliRunner().invoke(main, ["export", "onnx", "x", "--out", str(tmp_path / "o"), "--weights", "int8"])
-    assert result.exit_code == 2 and "'int8' is not one of" in result.output
+    result = CliRunner().invoke(main, ["export", "onnx", "x", "--out", str(tmp_path / "o"), "--weights", "int2"])
+    assert result.exit_code == 2 and "'int2' is not one of" in result.output
     assert not (tmp_path / "o").exists()
 
 
