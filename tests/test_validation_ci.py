@@ -59,7 +59,7 @@ def test_minilm_ci_gate_passes_and_matches_pytrec_eval(cache_dir, tmp_path):
     bf16 = report["backends"][0]
     assert 0.999 < bf16["fidelity"]["min"] < 1.0  # bf16 is close to fp32, not identical
     assert report["reference"]["disk_bytes"] > 80e6 and report["reference"]["memory"]["peak_bytes"] > 0
-    assert {r["regime"] for r in report["latency"]["regimes"]} == {"query", "document"}
+    assert {r["regime"] for r in report["latency"]["regimes"]} == {"query", "document", "online"}
 
     # Independent check: rank the reference's embeddings by a full argsort and score with pytrec_eval directly.
     data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"), SliceConfig(queries=5, documents=500, seed=0))
