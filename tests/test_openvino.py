@@ -177,3 +177,20 @@ def test_a_build_makes_the_openvino_stage_from_its_onnx_export(tmp_path):
     meta = json.loads((folder / "effir_openvino.json").read_text())
     assert meta["int8"] == "static" and meta["calibration"]["file"] == "calibration.txt"
     assert json.loads((folder / "export_check.json").read_text())["min_cosine"] >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_smollm2_cpu_backends_match_torch(smollm2, tmp_path):
+    """Raw SmolLM2-135M: OpenVINO fp32 and int8 weights, and ONNX Runtime blockwise int8, against PyTorch."""
+    onnx_folder = export_onnx(smollm2, OnnxExportConfig(), tmp_path / "onnx")
+    folders = {"ov-fp32": (export_openvino(onnx_folder, smollm2, OpenVinoExportConfig(), tmp_path / "ov"), 0.99999),
+               "ov-int8w": (export_openvino(onnx_folder, smollm2, OpenVinoExportConfig(int8="weights"),
+                                            tmp_path / "ov8"), 0.99),
+               "ort-int8b": (export_onnx(smollm2, OnnxExportConfig(int8=OrtInt8Config(method="blockwise")),
+                                         tmp_path / "ort8"), 0.99)}
+    reference = Encoder(smollm2.model, smollm2.tokenizer, smollm2.embedding).encode(TEXTS, batch_size=1)
+    for name, (folder, floor) in folders.items():
+        backend = build_backend(f"{'openvino' if name.startswith('ov') else 'onnx'}:{folder}")
+        got = backend.encoder.encode(TEXTS, batch_size=3)
+        assert float(np.sum(reference * got, axis=1).min()) >= floor, name
