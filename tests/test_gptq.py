@@ -202,3 +202,27 @@ def test_asymmetric_act_order_checkpoint_loads(tmp_path):
         act_ordered[0].as_quantized_weight()
     reference = Encoder(loaded.model, loaded.tokenizer).encode(TEXTS)
     assert ((reference * Encoder(model, loaded.tokenizer).encode(TEXTS)).sum(1)).min() > 0.99
+
+
+def test_gemma3_with_a_dense_head_quantises_and_keeps_its_head(tmp_path):
+    """GPTQModel's gemma3_text definition on a rewritten tiny Gemma3 whose sentence-transformers Dense head stays
+    float in the checkpoint: the reloaded model embeds close to the float model."""
+    from test_sentence_transformers import write_st_folder
+
+    from effir_export.models.sources import load_model
+
+    loaded = load_model(write_st_folder(tmp_path / "st"))
+    loaded.model.adapter.remove_mlp(loaded.model.layers[1])
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n".join(CALIBRATION))
+    result = CliRunner().invoke(main, ["export", "gptq", str(tmp_path / "model"), "--calibration",
+                                       str(tmp_path / "calib.txt"), "--out", str(tmp_path / "gptq"),
+                                       "--group-size", str(GROUP), "--samples", "64"])
+    assert result.exit_code == 0, result.output
+    state = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    assert state["head.dense.0.weight"].dtype == torch.float32 and "head.dense.1.weight" in state
+    quantised = load_gptq_model(tmp_path / "gptq")
+    want = Encoder(loaded.model, loaded.tokenizer).encode(TEXTS)
+    got = Encoder(quantised, loaded.tokenizer).encode(TEXTS)
+    assert got.shape == want.shape == (len(TEXTS), 24)
+    assert float((got * want).sum(1).min()) > 0.9

@@ -195,7 +195,8 @@ def _run_worker(interpreter: Path, request: Path) -> None:
 
 def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, config: GptqConfig,
                            calibration: dict, group_choice: str) -> dict:
-    """GPTQModel's ``model.*`` checkpoint -> an effir folder (``backbone.*`` keys, head dropped)."""
+    """GPTQModel's ``model.*`` checkpoint -> an effir folder (``backbone.*`` keys; the LM head dropped, the
+    embedding head's Dense layers kept in float)."""
     qcfg = json.loads((quantized / QUANTIZE_CONFIG_NAME).read_text())
     state: dict = {}
     for shard in sorted(quantized.glob("*.safetensors")):
@@ -203,6 +204,7 @@ def write_effir_checkpoint(loaded: LoadedModel, quantized: Path, out_dir: Path, 
             if key.startswith("model."):
                 state["backbone." + key.removeprefix("model.")] = tensor
     model = loaded.model
+    state.update({f"head.{k}": v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()})  # Dense layers, float
     model.sync_config()
     effir_config = model.config.to_dict()
     effir_config["quantization_config"] = qcfg
