@@ -25,6 +25,7 @@ class ModelAccount(BaseModel):
     num_layers: int
     hidden_size: int
     parameters: int
+    non_embedding_parameters: int  # without the token-embedding table (EmbeddingGemma: 201M of 303M)
     weight_bytes: int
     flops_per_token: dict[str, int]  # by sequence length
     layers: list[LayerAccount]
@@ -51,6 +52,7 @@ def account(model: EffirModel) -> ModelAccount:
         num_layers=len(layers),
         hidden_size=int(model.config.base_config["hidden_size"]),
         parameters=sum(p.numel() for p in params),
+        non_embedding_parameters=sum(p.numel() for p in params) - model.backbone.get_input_embeddings().weight.numel(),
         weight_bytes=sum(p.numel() * p.element_size() for p in params),
         flops_per_token={str(t): flops_per_token(model, t) for t in FLOP_SEQ_LENS},
         layers=layers,
@@ -76,6 +78,7 @@ def compare_accounts(before: ModelAccount, after: ModelAccount) -> dict:
 
     return {
         "parameters": pair(before.parameters, after.parameters),
+        "non_embedding_parameters": pair(before.non_embedding_parameters, after.non_embedding_parameters),
         "weight_bytes": pair(before.weight_bytes, after.weight_bytes),
         "flops_per_token": {t: pair(before.flops_per_token[t], after.flops_per_token[t]) for t in before.flops_per_token},
     }
