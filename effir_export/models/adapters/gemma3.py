@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FamilyAdapter, notify
+from .base import notify
+from .llama import LlamaFamilyAdapter
 
 
 class _SandwichNormSkippableLayer:
@@ -41,9 +42,9 @@ class _SandwichNormSkippableLayer:
         return hidden_states
 
 
-class Gemma3FamilyAdapter(FamilyAdapter):
-    """Gemma3 decoder: ``layers[i].self_attn.{q,k,v,o}_proj`` (+ q/k norms) and ``layers[i].mlp.{gate,up,down}_proj``
-    (gated GELU). ``gemma3`` multimodal configs are read through their ``text_config``."""
+class Gemma3FamilyAdapter(LlamaFamilyAdapter):
+    """Gemma3 decoder: the Llama layout (``layers[i].self_attn.{q,k,v,o}_proj`` + q/k norms,
+    ``layers[i].mlp.{gate,up,down}_proj``, gated GELU) with four norms per layer and its own masks."""
 
     name = "gemma3"
     model_types = ("gemma3_text",)
@@ -78,24 +79,6 @@ class Gemma3FamilyAdapter(FamilyAdapter):
         if data.get("use_bidirectional_attention") and data.get("sliding_window"):
             data["sliding_window"] = 2 * (int(data["sliding_window"]) - 1)
         return data
-
-    def layers(self, backbone: nn.Module) -> nn.ModuleList:
-        return backbone.layers
-
-    def has_attention(self, layer: nn.Module) -> bool:
-        return layer.self_attn is not None
-
-    def has_mlp(self, layer: nn.Module) -> bool:
-        return layer.mlp is not None
-
-    def attention_output_projection(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
-
-    def mlp_input_projections(self, layer: nn.Module) -> list[nn.Linear]:
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]
-
-    def mlp_output_projection(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
 
     def mlp_modules(self, layer: nn.Module) -> list[nn.Module]:
         return [m for m in (layer.pre_feedforward_layernorm, layer.mlp, layer.post_feedforward_layernorm)
