@@ -40,8 +40,10 @@ def test_beir_folder_pairs_use_judged_positives_and_zero_scores_as_negatives(tmp
                                                      for d in ("a", "b", "c")))
     (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "1", "text": "query one"}))
     (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n1\ta\t2\n1\tb\t0\n1\tc\t1\n")
-    assert read_pairs(tmp_path) == [TrainingPair("query one", "doc a", ("doc b",)),
-                                    TrainingPair("query one", "doc c", ("doc b",))]
+    from effir_export.models.embedding import Document
+
+    a, b, c = (Document("", f"doc {d}") for d in "abc")  # titles stay apart; the model's prompt composes them
+    assert read_pairs(tmp_path) == [TrainingPair("query one", a, (b,)), TrainingPair("query one", c, (b,))]
     with pytest.raises(PairsError, match="qrels/dev.tsv"):
         read_pairs(tmp_path, split="dev")
 

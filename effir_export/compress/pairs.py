@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EffirError
+from ..models.embedding import Text
 
 
 class PairsError(EffirError):
@@ -27,8 +28,8 @@ class TrainingPair:
     """One query with a relevant passage and zero or more (hard) negative passages."""
 
     query: str
-    positive: str
-    negatives: tuple[str, ...] = ()
+    positive: Text  # a BEIR document keeps its title (Document)
+    negatives: tuple[Text, ...] = ()
 
 
 def read_pairs(path: str | Path, split: str = "train", limit: int | None = None, seed: int = 0) -> list[TrainingPair]:
