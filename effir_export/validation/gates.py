@@ -7,6 +7,8 @@ gates:
   - metric: max_ndcg_at_10_drop_points  # (reference - backend) nDCG@10 x 100
     threshold: 1.0
     backends: [bf16]                    # backend names; default: every backend under test
+  - metric: max_ndcg_at_10_drop_upper_points  # upper end of the 95 % CI of that drop (paired bootstrap
+    threshold: 3.0                            # over queries): "at most 3 points lower, with 95 % confidence"
 ```
 """
 from __future__ import annotations
@@ -47,6 +49,12 @@ def _drop_points(key: str) -> Callable[[dict, dict], float | None]:
     return lambda b, ref: 100.0 * (ref["retrieval"][key] - b["retrieval"][key])
 
 
+def _drop_upper_points(b: dict, ref: dict) -> float | None:
+    """Upper end of the 95 % CI of (reference − backend) nDCG@10 in points: −100 x the lower end of Δ."""
+    delta = b.get("ndcg_at_10_delta")
+    return None if not delta else -100.0 * delta["ci_low"]
+
+
 def _fidelity(key: str) -> Callable[[dict, dict], float | None]:
     return lambda b, ref: (b.get("fidelity") or {}).get(key)
 
@@ -66,6 +74,9 @@ METRICS: dict[str, Metric] = {
     "min_ndcg_at_10": Metric(lambda b, ref: b["retrieval"]["ndcg_at_10"], True, doc="nDCG@10"),
     "max_ndcg_at_10_drop_points": Metric(_drop_points("ndcg_at_10"), False,
                                          doc="(reference - backend) nDCG@10, in points (x100)"),
+    "max_ndcg_at_10_drop_upper_points": Metric(_drop_upper_points, False,
+                                               doc="upper end of the 95 % CI (paired bootstrap over queries) of "
+                                                   "(reference - backend) nDCG@10, in points"),
     "max_recall_at_100_drop_points": Metric(_drop_points("recall_at_100"), False,
                                             doc="(reference - backend) recall@100, in points (x100)"),
     "max_size_mb": Metric(lambda b, ref: None if b["disk_bytes"] is None else b["disk_bytes"] / 1e6, False,
@@ -80,6 +91,12 @@ METRICS: dict[str, Metric] = {
 
 
 class Gate(StrictModel):
+    """``metric`` (a key of :data:`METRICS`) compared with ``threshold`` on each of ``backends``. Drop gates
+    read (reference − backend) in points: ``max_ndcg_at_10_drop_points`` the observed drop, and
+    ``max_ndcg_at_10_drop_upper_points`` the upper end of its 95 % paired bootstrap CI over queries, so
+    ``threshold: 3`` passes only when the data show, with 95 % confidence, a drop of at most 3 points
+    (on a few queries the interval is wide and the gate fails rather than pass by luck)."""
+
     metric: str
     threshold: float
     backends: list[str] | None = None  # None: every backend under test (not the reference)

@@ -12,6 +12,7 @@ from .fidelity import FidelityStats
 from .gates import GateResult
 from .latency import LatencyReport
 from .memory import MemoryResult
+from .stats import EXACT_MAX_QUERIES, RESAMPLES, SEED, PairedDifference
 
 FILES = ("report.json", "junit.xml", "report.md", "quality_size_latency.png", "fidelity_hist.png")
 
@@ -34,6 +35,7 @@ class BackendResult(BaseModel):
     fidelity: FidelityStats | None = None
     memory: MemoryResult | None = None
     speedup: dict[str, float] | None = None
+    ndcg_at_10_delta: PairedDifference | None = None  # (this − reference) per query, CI, p; None for the reference
     extra: dict = Field(default_factory=dict)
 
 
@@ -106,9 +108,16 @@ def _memory(memory: MemoryResult | None) -> str:
     return "-" if memory is None else f"{memory.peak_bytes / 1e6:.0f} ({memory.delta_bytes / 1e6:+.0f})"
 
 
+def _delta(delta: PairedDifference | None) -> str:
+    """``Δ [low, high] | p`` in nDCG points (x100), or dashes for the reference."""
+    if delta is None:
+        return "- | -"
+    return (f"{100 * delta.mean:+.2f} [{100 * delta.ci_low:+.2f}, {100 * delta.ci_high:+.2f}] | "
+            f"{delta.p_value:.3g}{'' if delta.p_exact else ' (MC)'}")
+
+
 def markdown(report: ValidationReport) -> str:
     ds = report.dataset
-    ref = report.reference.retrieval
     lines = [f"# Validation report ({'PASSED' if report.passed else 'FAILED'})", "",
              f"Created {report.created} on {report.machine.get('cpu', '?')} "
              f"({report.machine.get('threads')} threads, torch {report.machine.get('torch')}"
@@ -118,17 +127,20 @@ def markdown(report: ValidationReport) -> str:
     if ds.get("slice"):
         lines.append(f"Slice: {ds['slice']}.")
     lines += ["", "## Quality, fidelity, size", "",
-              "| backend | nDCG@10 | Δ points | recall@100 | MRR@10 | cos to | cos min | cos p1 | cos mean | params (M) "
-              "| disk MB | peak (Δ) mem MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| backend | nDCG@10 | Δ nDCG@10 pts [95 % CI] | p | recall@100 | MRR@10 | cos to | cos min | cos p1 "
+              "| cos mean | params (M) | disk MB | peak (Δ) mem MB |", "|---" * 13 + "|"]
     for r in report.all_results():
         f = r.fidelity
-        drop = 100 * (ref["ndcg_at_10"] - r.retrieval["ndcg_at_10"])
         lines.append(
-            f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {drop:+.2f} | {r.retrieval['recall_at_100']:.4f} | "
-            f"{r.retrieval['mrr_at_10']:.4f} | {f.against if f else '-'} | {f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
+            f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {_delta(r.ndcg_at_10_delta)} | "
+            f"{r.retrieval['recall_at_100']:.4f} | {r.retrieval['mrr_at_10']:.4f} | {f.against if f else '-'} | "
+            f"{f.min if f else 1:.5f} | {f.p1 if f else 1:.5f} | "
             f"{f.mean if f else 1:.5f} | {'-' if r.parameters is None else f'{r.parameters / 1e6:.1f}'} | "
             f"{_mb(r.disk_bytes)} | {_memory(r.memory)} |")
-    lines.append(f"\nThe first row is the reference (`{report.reference.spec}`); Δ points = (reference − backend) x 100.")
+    lines.append(f"\nThe first row is the reference (`{report.reference.spec}`). Δ nDCG@10 = (backend − reference) "
+                 "x 100, the mean of the per-query differences; [95 % CI]: paired bootstrap over queries (BCa, "
+                 f"{RESAMPLES:,} resamples, seed {SEED}); p: two-sided paired randomization (sign-flip) test, exact "
+                 f"over all 2^n sign patterns up to {EXACT_MAX_QUERIES} queries, else {RESAMPLES:,} random ones (MC).")
     if report.latency:
         lines += ["", latency_markdown(report.latency)]
     lines += ["", "## Gates", "", gates_table(report.gates) if report.gates else "No gates configured.",

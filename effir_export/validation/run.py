@@ -27,6 +27,7 @@ from .gates import check_gates, evaluate_gates, load_gates, without_absent
 from .latency import LatencyReport, measure_latency
 from .memory import MemoryResult, measure_isolated
 from .report import BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench, write_reports
+from .stats import paired_difference
 
 
 def parse_specs(texts: list[str]) -> list[BackendSpec]:
@@ -86,6 +87,15 @@ def _measure_fidelity(results: list, encoded: list, fidelity_to: str | None) -> 
         result.fidelity = fidelity(embeddings[index], embeddings[against], names[against])
 
 
+def _compare_quality(results: list[BackendResult]) -> None:
+    """Each backend's per-query nDCG@10 against the reference's (``results[0]``): mean Δ, 95 % CI, p-value."""
+    def per_query(result: BackendResult) -> dict[str, float]:
+        return {q: scores["ndcg_at_10"] for q, scores in result.retrieval["per_query"].items()}
+
+    for result in results[1:]:
+        result.ndcg_at_10_delta = paired_difference(per_query(result), per_query(results[0]))
+
+
 def _base(base_dir: str | Path | None) -> Path:
     return Path(base_dir) if base_dir is not None else Path.cwd()
 
@@ -114,6 +124,7 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
         backends = build_backends(specs, options)
         encoded = [_embed(b, data, cache_dir) for b in backends]
         results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
+        _compare_quality(results)
         _measure_fidelity(results, encoded, config.fidelity_to)
         if config.memory is not None:
             for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch,
