@@ -2,20 +2,23 @@
 nDCG@10 on held-out dbpedia_subset, symmetric (compressed queries and documents) and asymmetric (compressed
 queries against the full model's document index), with the query cosine to the full model.
 
-    python bench/effir_depth_sweep.py --model embeddinggemma-300m --queries 20 --documents 2000
+    python bench/effir_depth_sweep.py --model embeddinggemma-300m --queries 40 --documents 1200 --judged relevant
 
-Writes bench/results/effir_depth_sweep_<model>.{json,md}. Everything runs in bf16 PyTorch (the full model's
-bf16 vectors are the reference). Scores are computed once on the calibration text (EffiR's S).
+A point is ``mlp-N``, ``attn-N`` or ``attn-N+mlp-M`` (the N lowest-scoring sublayers of each group by EffiR's
+S on the calibration text), with ``@pooled`` to rank by scores at the pooled positions instead of all tokens.
+Writes bench/results/effir_depth_sweep_<model>.{json,md} after every point. Each Δ is a paired bootstrap 95 %
+interval (BCa) with a sign-flip p-value over queries (effir_export.validation.stats). Encoding asks for bf16
+(PyTorch falls back to fp32, stated, on CPUs without native bf16); the full model's vectors are the reference.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from effir_export.accounting import account
@@ -26,82 +29,103 @@ from effir_export.models.sources import load_model
 from effir_export.paths import DATA_DIR
 from effir_export.validation.beir import evaluate, load_beir, search, slice_beir
 from effir_export.validation.config import SliceConfig
+from effir_export.validation.stats import paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POINTS = [("full", 0, 0), ("mlp-6", 6, 0), ("mlp-12", 12, 0), ("mlp-16", 16, 0), ("attn-6", 0, 6),
-          ("attn-6+mlp-6", 6, 6)]
+DEFAULT_POINTS = "full,mlp-6,attn-6,mlp-3,attn-6+mlp-3,mlp-6@pooled,mlp-12"
+POINT = re.compile(r"^(full|(?:attn-(?P<a>\d+))?\+?(?:mlp-(?P<m>\d+))?)(?P<pooled>@pooled)?$")
 
 
-def bootstrap_ci(deltas: np.ndarray, seed: int = 0, resamples: int = 10_000) -> list[float]:
-    """Percentile bootstrap 95 % interval of the mean per-query delta."""
-    rng = np.random.default_rng(seed)
-    means = deltas[rng.integers(0, len(deltas), size=(resamples, len(deltas)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def parse_point(text: str) -> tuple[int, int, str]:
+    """``attn-6+mlp-3@pooled`` -> (attention drops, MLP drops, score positions)."""
+    match = POINT.match(text)
+    if not match or (text != "full" and not (match["a"] or match["m"])):
+        raise SystemExit(f"error: point '{text}' is not full, mlp-N, attn-N, attn-N+mlp-M (optionally @pooled)")
+    return int(match["a"] or 0), int(match["m"] or 0), "pooled" if match["pooled"] else "all"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embeddinggemma-300m")
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--documents", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--documents", type=int, default=1200)
+    parser.add_argument("--judged", choices=["all", "relevant"], default="relevant")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=64, help="calibration passages for the scores")
+    parser.add_argument("--points", default=DEFAULT_POINTS, help=f"comma-separated (default {DEFAULT_POINTS})")
     args = parser.parse_args()
+    points = [(p, *parse_point(p)) for p in args.points.split(",")]
     torch.manual_seed(0)
     loaded = load_model(args.model)
     settings = loaded.embedding.model_copy(update={"max_length": args.max_length})
     data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"),
-                      SliceConfig(queries=args.queries, documents=args.documents, seed=0))
-    scores = score_sublayers(loaded, ScoreConfig(samples=args.samples), Path(ScoreConfig().calibration), progress=True)
-    full = copy.deepcopy(loaded.model).to(torch.bfloat16)
+                      SliceConfig(queries=args.queries, documents=args.documents, seed=0, judged=args.judged))
+    scores = {positions: score_sublayers(loaded, ScoreConfig(samples=args.samples, positions=positions),
+                                         Path(ScoreConfig().calibration), progress=True)
+              for positions in sorted({p[3] for p in points})}
+    full = loaded.model
 
     def encode(model, texts, kind):
-        return Encoder(model, loaded.tokenizer, settings=settings, dtype=torch.bfloat16).encode(texts, kind=kind)
+        encoder = Encoder(model, loaded.tokenizer, settings=settings, dtype=torch.bfloat16)
+        return encoder.encode(texts, kind=kind), str(encoder.dtype).removeprefix("torch.")
 
     started = time.perf_counter()
-    full_q, full_d = encode(full, data.query_texts, "query"), encode(full, data.corpus_texts, "document")
+    (full_q, computed_in), (full_d, _) = encode(full, data.query_texts, "query"), encode(full, data.corpus_texts, "document")
     seconds_full = time.perf_counter() - started
     full_eval = evaluate(data.qrels, search(full_q, full_d, data.query_ids, data.corpus_ids))
-    rows = []
-    for name, mlps, attention in POINTS:
-        model = copy.deepcopy(full)
-        drops = select_drops(scores, DropConfig(mlp=mlps, attention=attention))
+    full_per_query = {q: v["ndcg_at_10"] for q, v in full_eval["per_query"].items()}
+    out = {"command": "python bench/effir_depth_sweep.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "model": args.model, "data": data.summary(),
+        "computed_in": computed_in, "threads": torch.get_num_threads(),
+        "full_ndcg_at_10": full_eval["ndcg_at_10"], "full_recall_at_100": full_eval["recall_at_100"],
+        "full_encode_s": seconds_full, "scores": {k: [s.model_dump() for s in v.layers] for k, v in scores.items()},
+        "points": []}
+    for name, attention, mlps, positions in points:
+        model = copy.deepcopy(full) if (mlps or attention) else full
+        drops = select_drops(scores[positions], DropConfig(mlp=mlps, attention=attention))
         apply_drops(model, drops)
-        q = encode(model, data.query_texts, "query")
-        d = encode(model, data.corpus_texts, "document") if (mlps or attention) else full_d
+        q, _ = encode(model, data.query_texts, "query")
+        d = encode(model, data.corpus_texts, "document")[0] if (mlps or attention) else full_d
         facts = account(model)
-        row = {"point": name, "dropped": drops, "params": facts.parameters,
+        row = {"point": name, "score_positions": positions, "dropped": drops, "params": facts.parameters,
                "non_embedding_params": facts.non_embedding_parameters,
                "flops_per_token_128": facts.flops_per_token["128"],
                "query_cosine_to_full": float((q * full_q).sum(1).mean())}
         for setting, (qq, dd) in {"symmetric": (q, d), "asymmetric": (q, full_d)}.items():
             result = evaluate(data.qrels, search(qq, dd, data.query_ids, data.corpus_ids))
-            deltas = np.array([result["per_query"][k]["ndcg_at_10"] - full_eval["per_query"][k]["ndcg_at_10"]
-                               for k in data.query_ids])
+            diff = paired_difference({k: v["ndcg_at_10"] for k, v in result["per_query"].items()}, full_per_query)
             row[setting] = {"ndcg_at_10": result["ndcg_at_10"], "ratio": result["ndcg_at_10"] / full_eval["ndcg_at_10"],
-                            "delta": float(deltas.mean()), "delta_ci95": bootstrap_ci(deltas)}
-        rows.append(row)
-        print(json.dumps(row))
+                            "recall_at_100": result["recall_at_100"], "delta": diff.mean,
+                            "delta_ci95": [diff.ci_low, diff.ci_high], "p_value": diff.p_value}
+        out["points"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "dropped"}), flush=True)
+        write(out, args, data, full_eval)
         del model
-    out = {"command": "python bench/effir_depth_sweep.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "model": args.model, "data": data.summary(),
-        "full_ndcg_at_10": full_eval["ndcg_at_10"], "full_encode_s": seconds_full,
-        "scores": [s.model_dump() for s in scores.layers], "points": rows}
+
+
+def write(out: dict, args, data, full_eval: dict) -> None:
+    """The JSON and the Markdown table, rewritten after every point."""
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"effir_depth_sweep_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    summary = data.summary()
+    full = out["points"][0]["non_embedding_params"] if out["points"] and out["points"][0]["point"] == "full" else None
     lines = [f"# Depth-only EffiR points on {args.model} (no training)", "", f"`{out['command']}`", "",
-             f"Held-out dbpedia_subset slice: {data.summary()['queries']} queries, {data.summary()['documents']} "
-             f"documents, {args.max_length} tokens, bf16 PyTorch. Full model nDCG@10 {full_eval['ndcg_at_10']:.4f}. "
-             "Δ is per-query nDCG@10 minus the full model's, with a percentile bootstrap 95 % interval over queries.", "",
-             "| point | non-embedding params | query cos | symmetric nDCG@10 | Δ [95 % CI] | asymmetric nDCG@10 | Δ [95 % CI] |",
-             "|---|---:|---:|---:|---|---:|---|"]
-    for r in rows:
-        cells = [f"{r[s]['ndcg_at_10']:.4f} ({100 * r[s]['ratio']:.1f} %) | {r[s]['delta']:+.4f} "
-                 f"[{r[s]['delta_ci95'][0]:+.3f}, {r[s]['delta_ci95'][1]:+.3f}]" for s in ("symmetric", "asymmetric")]
-        lines.append(f"| {r['point']} | {r['non_embedding_params']:,} | {r['query_cosine_to_full']:.4f} | {cells[0]} | {cells[1]} |")
+             f"Held-out dbpedia_subset: {summary['queries']} judged queries, {summary['documents']} documents "
+             f"(slice judged: {args.judged}), {args.max_length} tokens, PyTorch {out['computed_in']}, "
+             f"{out['threads']} threads. Full model nDCG@10 {full_eval['ndcg_at_10']:.4f}. Δ: nDCG@10 points vs the "
+             "full model, paired bootstrap 95 % CI (BCa) over queries, p: paired sign-flip test.", "",
+             "| point | dropped (layer indices) | non-embedding params | query cos | symmetric nDCG@10 | Δ pts [95 % CI] | p "
+             "| asymmetric nDCG@10 | Δ pts [95 % CI] | p |", "|---|---|---:|---:|---:|---|---:|---:|---|---:|"]
+    for r in out["points"]:
+        share = f" ({100 * r['non_embedding_params'] / full:.0f} %)" if full else ""
+        dropped = "; ".join(f"{k} {v}" for k, v in r["dropped"].items() if v) or "-"
+        cells = [f"{r[s]['ndcg_at_10']:.4f} ({100 * r[s]['ratio']:.1f} %) | {100 * r[s]['delta']:+.2f} "
+                 f"[{100 * r[s]['delta_ci95'][0]:+.2f}, {100 * r[s]['delta_ci95'][1]:+.2f}] | {r[s]['p_value']:.3f}"
+                 for s in ("symmetric", "asymmetric")]
+        lines.append(f"| {r['point']} | {dropped} | {r['non_embedding_params']:,}{share} | "
+                     f"{r['query_cosine_to_full']:.4f} | {cells[0]} | {cells[1]} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

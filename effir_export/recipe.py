@@ -26,7 +26,7 @@ from .schema import StrictModel
 from .serve.triton import TritonConfig
 from .validation.config import ValidateConfig
 
-DEFAULT_RECIPE = RECIPES_DIR / "smollm2-135m.yaml"
+DEFAULT_RECIPE = RECIPES_DIR / "embeddinggemma-300m.yaml"
 
 
 class ModelConfig(StrictModel):

@@ -6,6 +6,7 @@ import os
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,30 @@ TEXTS = [
     "The mitochondria is the powerhouse of the cell; it produces ATP through oxidative phosphorylation.",
     "short text",
 ]
+
+
+@pytest.fixture
+def served_vs_onnx():
+    """Serve a built Triton repository on the bundled tritonserver (loopback) and return the cosine of each
+    served embedding of a query and a document to ONNX Runtime's on the build's ONNX folder."""
+    import tritonclient.http as httpclient
+
+    from effir_export.runtime.ort import OrtEncoder
+    from effir_export.serve.server import TritonServer
+
+    def check(repository: Path, onnx_folder: Path) -> np.ndarray:
+        texts, kinds = ["what is the capital of france", "Paris is the capital and largest city of France."], ["query", "document"]
+        encoder = OrtEncoder.from_folder(onnx_folder, providers=["cpu"])
+        expected = np.concatenate([encoder.encode([t], k) for t, k in zip(texts, kinds)])
+        server = TritonServer(repository).start(timeout=300)
+        try:
+            client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+            inputs = [httpclient.InferInput("TEXT", [2, 1], "BYTES"), httpclient.InferInput("KIND", [2, 1], "BYTES")]
+            inputs[0].set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+            inputs[1].set_data_from_numpy(np.array([[k.encode()] for k in kinds], dtype=object))
+            served = client.infer("effir", inputs).as_numpy("embedding")
+        finally:
+            server.stop()
+        return (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
+
+    return check

@@ -15,9 +15,15 @@ def test_shipped_recipes_validate(path):
     assert recipe.name and recipe.model.source
 
 
-def test_default_recipe_is_smollm2():
+def test_default_recipe_is_the_real_retriever_validated_on_every_held_out_query():
     recipe = load_recipe()
-    assert DEFAULT_RECIPE.name == "smollm2-135m.yaml" and recipe.model.source == "smollm2-135m"
+    assert DEFAULT_RECIPE.name == "embeddinggemma-300m.yaml" and recipe.model.source == "embeddinggemma-300m"
+    assert recipe.finetune is None  # already a trained retriever: the source model is the reference
+    assert recipe.validation.slice.queries == 40 and recipe.validation.data.endswith("data/dbpedia_subset")
+
+
+def test_smollm2_recipe_has_gptq_ready_widths():
+    recipe = load_recipe(RECIPES_DIR / "smollm2-135m.yaml")
     assert recipe.embedding.pooling == "mean" and recipe.finetune is not None
     # GPTQ's group size must divide the hidden size and every MLP width the width stage leaves
     assert 576 % recipe.gptq.group_size == 0 and recipe.width.sparsity.multiple_of % recipe.gptq.group_size == 0

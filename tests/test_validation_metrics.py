@@ -193,3 +193,14 @@ def test_gptq_backend_rejects_a_folder_that_is_not_a_gptq_checkpoint(tmp_path):
     pytest.importorskip("effir_export.export.gptq_loader")
     with pytest.raises(EffirError, match="no effir_files.json.*export gptq"):
         build_backend(f"gptq:{tmp_path}")
+
+
+def test_relevant_slices_cap_documents_keep_relevant_ones_and_fill_with_hard_negatives_first(tmp_path):
+    data = load_beir(write_beir(tmp_path / "data", CORPUS, QUERIES, QRELS))
+    capped = slice_beir(data, SliceConfig(queries=2, documents=3, seed=0, judged="relevant"))
+    assert set(capped.corpus_ids) == {"d1", "d2", "d5"}  # the relevant ones fill the cap; d3 (judged 0) is out
+    filled = slice_beir(data, SliceConfig(queries=2, documents=5, seed=0, judged="relevant"))
+    assert {"d1", "d2", "d5", "d3"} <= set(filled.corpus_ids) and len(filled.corpus_ids) == 5  # judged 0 before others
+    keep_all = slice_beir(data, SliceConfig(queries=2, documents=3, seed=0))
+    assert set(keep_all.corpus_ids) == {"d1", "d2", "d3", "d5"}  # judged: all keeps every judged one past the cap
+    assert capped.fingerprint != keep_all.fingerprint and capped.summary()["slice"]["judged"] == "relevant"

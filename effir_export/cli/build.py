@@ -19,7 +19,8 @@ def register(group: click.Group) -> None:
 def build(recipe_path, out, force) -> None:
     """Run a recipe end to end: fine-tune, depth, width, recovery, exports, validation, Triton.
 
-    With no RECIPE it builds the embedded default (recipes/smollm2-135m.yaml). Stages are cached by the
+    With no RECIPE it builds the embedded default (recipes/embeddinggemma-300m.yaml: EmbeddingGemma-300M, fetched by
+    `effir-export fetch embeddinggemma-300m`, which ./install.sh runs). Stages are cached by the
     hash of their inputs, so a rerun redoes only what changed. Stages that need a GPU or TensorRT are
     skipped with the reason shown. Writes OUT/<NN>-<stage>/ folders and OUT/build_summary.{json,md};
     exits non-zero when a validation gate fails.

@@ -118,20 +118,24 @@ def input_widths(model: EffirModel) -> list[int]:
     return sorted({m.in_features for layer in model.layers for m in layer.modules() if isinstance(m, nn.Linear)})
 
 
-def resolve_group_size(model: EffirModel, config: GptqConfig) -> tuple[GptqConfig, str]:
-    """``config`` with its group size decided, and how: as given, or (when none is given) the largest power
-    of two <= 128 that divides every quantised layer's input width, which is logged."""
-    if config.group_size is not None:
-        return config, f"group size {config.group_size}: given"
-    widths = input_widths(model)
+def auto_group_size(widths: list[int]) -> tuple[int, str]:
+    """The largest power of two <= 128 that divides every one of ``widths``, and a sentence saying so."""
     size = AUTO_GROUP_MAX
     while size >= AUTO_GROUP_MIN and any(w % size for w in widths):
         size //= 2
     if size < AUTO_GROUP_MIN:
         raise GptqError(f"no power of two from {AUTO_GROUP_MIN} to {AUTO_GROUP_MAX} divides every input width "
                         f"{widths}; pass --group-size -1 (one group per row) or a divisor of them (gptq.group_size)")
-    choice = (f"group size {size}: the largest power of two <= {AUTO_GROUP_MAX} dividing every input width "
-              f"({', '.join(map(str, widths))})")
+    return size, (f"group size {size}: the largest power of two <= {AUTO_GROUP_MAX} dividing every input width "
+                  f"({', '.join(map(str, widths))})")
+
+
+def resolve_group_size(model: EffirModel, config: GptqConfig) -> tuple[GptqConfig, str]:
+    """``config`` with its group size decided, and how: as given, or (when none is given) the largest power
+    of two <= 128 that divides every quantised layer's input width, which is logged."""
+    if config.group_size is not None:
+        return config, f"group size {config.group_size}: given"
+    size, choice = auto_group_size(input_widths(model))
     log.info(choice)
     return config.model_copy(update={"group_size": size}), choice
 

@@ -107,18 +107,26 @@ def _is_int(text: str) -> bool:
 
 
 def slice_beir(data: BeirData, config: SliceConfig | None) -> BeirData:
-    """The first ``queries`` judged queries, all their judged documents, then other documents ordered
-    by sha256(seed:id) up to ``documents`` in all; corpus order is kept. Identical inputs give
-    identical slices on every machine (no RNG stream involved)."""
+    """The first ``queries`` judged queries, all their judged documents (``judged: relevant``: their
+    relevant ones, then their judged non-relevant ones), then other documents, each group ordered by
+    sha256(seed:id), up to ``documents`` in all; corpus order is kept. Identical inputs give identical
+    slices on every machine (no RNG stream involved)."""
     if config is None or (config.queries is None and config.documents is None):
         return data
     query_ids = data.query_ids[: config.queries] if config.queries else data.query_ids
     qrels = {q: data.qrels[q] for q in query_ids}
     judged = {d for docs in qrels.values() for d in docs}
     budget = config.documents if config.documents is not None else len(data.corpus_ids)
-    others = sorted((d for d in data.corpus_ids if d not in judged),
-                    key=lambda d: hashlib.sha256(f"{config.seed}:{d}".encode()).hexdigest())
-    keep = judged | set(others[: max(0, budget - len(judged))])
+    def by_hash(ids) -> list[str]:
+        return sorted(ids, key=lambda d: hashlib.sha256(f"{config.seed}:{d}".encode()).hexdigest())
+
+    others = by_hash(d for d in data.corpus_ids if d not in judged)
+    if config.judged == "relevant":
+        must = {d for docs in qrels.values() for d, score in docs.items() if score > 0}
+        others = by_hash(judged - must) + others
+    else:
+        must = judged
+    keep = must | set(others[: max(0, budget - len(must))])
     rows = [(d, t) for d, t in zip(data.corpus_ids, data.corpus_texts) if d in keep]
     ids_hash = hashlib.sha256(json.dumps([query_ids, [d for d, _ in rows]]).encode()).hexdigest()[:16]
     info = {**config.model_dump(), "selected_queries": len(query_ids), "selected_documents": len(rows),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -15,13 +16,17 @@ class SliceConfig(StrictModel):
     then other documents (ordered by a seeded hash of their id) up to ``documents`` in all.
 
     ```yaml
-    slice: {queries: 20, documents: 500, seed: 0}
+    slice: {queries: 20, documents: 1000, seed: 0, judged: relevant}
     ```
+    ``judged: all`` keeps every judged document of the chosen queries, even past ``documents``;
+    ``judged: relevant`` keeps their relevant ones (score > 0) and makes ``documents`` a hard cap, filled
+    with their judged non-relevant documents (the hard negatives) before any others.
     """
 
     queries: int | None = Field(None, ge=1)
     documents: int | None = Field(None, ge=1)
     seed: int = 0
+    judged: Literal["all", "relevant"] = "all"
 
 
 class LatencyConfig(StrictModel):
