@@ -27,7 +27,8 @@ def _model_step(name: str) -> BuildStep:
     section = COMPRESSION_STAGES[name].section
 
     def run(state: BuildState, folder: Path) -> dict:
-        result = run_stage(name, _load_current(state), state.recipe, folder / "stages" / name)
+        result = run_stage(name, _load_current(state), state.recipe, folder / "stages" / name,
+                           teacher=state.reference)
         provenance = dict(result.loaded.model.config.provenance)
         provenance["stages"] = [*provenance.get("stages", []), name]
         result.loaded.model.config.provenance = provenance
@@ -191,6 +192,7 @@ def build_rows(report) -> list[dict]:
         rows.append({"name": result.name, "parameters": result.parameters,
                      "size_mb": result.disk_bytes / 1e6 if result.disk_bytes else None,
                      "ndcg@10": result.retrieval.get("ndcg_at_10"),
+                     "asymmetric_ndcg@10": result.asymmetric.retrieval["ndcg_at_10"] if result.asymmetric else None,
                      "min_cosine": result.fidelity.min if result.fidelity else None,
                      "cosine_to": result.fidelity.against if result.fidelity else None,
                      "query_ms": medians.get((result.name, "query")),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from .compress.depth import DepthConfig
 from .compress.finetune import FinetuneConfig
@@ -63,6 +63,13 @@ class Recipe(StrictModel):
 
     _base_dir: Path = Path(".")
     _source_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _finetune_is_contrastive(self) -> "Recipe":
+        if self.finetune is not None and self.finetune.objective != "contrastive":
+            raise ValueError("finetune.objective must be contrastive: the fine-tune makes the reference that "
+                             "width and recovery distill from (set objective: distill there)")
+        return self
 
     @property
     def source_file(self) -> Path | None:

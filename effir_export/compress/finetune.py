@@ -1,5 +1,6 @@
-"""The fine-tune stage: contrastive training of the whole model (LoRA merged afterwards). It makes the
-reference retriever before compression (``finetune:``) and recovers quality after it (``recovery:``)."""
+"""The fine-tune stage: training of the whole model (LoRA merged afterwards). It makes the reference
+retriever before compression (``finetune:``, contrastive) and recovers quality after it (``recovery:``,
+contrastive or distilled from the reference)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,15 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from ..models.encoder import Encoder
+from ..errors import RecipeError
 from ..models.sources import LoadedModel
 from ..validation.fidelity import cosines
 from . import StageOutput
+from .distill import load_teacher
 from .pairs import TrainingPair, read_pairs
 from .train import ContrastiveTrainer, TrainConfig
 
 
 class FinetuneConfig(TrainConfig):
-    """Contrastive fine-tuning (the ``finetune:`` and ``recovery:`` sections); keys as in ``TrainConfig``.
+    """Fine-tuning (the ``finetune:`` and ``recovery:`` sections); keys as in ``TrainConfig``.
 
     ```yaml
     finetune:
@@ -44,6 +47,41 @@ def checkpoint_dir(config: TrainConfig, recipe, work_dir: Path) -> Path:
     return recipe.resolve_path(config.checkpoint_dir) if config.checkpoint_dir else Path(work_dir) / "checkpoints"
 
 
+class StageTraining:
+    """A training stage's trainer, its probe pairs and, when the objective distills, the teacher's
+    embeddings of every text the run uses (probe included), so the report can say how close the
+    student came to the teacher."""
+
+    def __init__(self, loaded: LoadedModel, config: TrainConfig, recipe, work_dir: Path, teacher: str | None):
+        pairs, self.probe = load_stage_pairs(config, recipe)
+        self.trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, pairs,
+                                          checkpoint_dir(config, recipe, work_dir))
+        self.probe_texts = ([p.query for p in self.probe], [p.positive for p in self.probe])
+        self.teacher_source = teacher
+        self.before = None
+        if config.uses_teacher:
+            if teacher is None:
+                raise RecipeError(f"objective '{config.objective}' distills from the build's reference, and this run "
+                                  "has none; use `effir-export build`, or objective: contrastive")
+            queries, documents = self.trainer.texts()
+            self.trainer.teacher = load_teacher(teacher, self.trainer.settings, [*queries, *self.probe_texts[0]],
+                                                [*documents, *self.probe_texts[1]])
+            self.before = self._teacher_cosine(loaded)
+
+    def _teacher_cosine(self, loaded: LoadedModel) -> dict | None:
+        if not self.probe:
+            return None
+        return self.trainer.teacher.cosine_to(loaded, self.trainer.settings, *self.probe_texts)
+
+    def report(self, loaded: LoadedModel) -> dict:
+        """The teacher facts (source, fingerprint, cache hits, probe cosine before and after), or {}."""
+        teacher = self.trainer.teacher
+        if teacher is None:
+            return {}
+        return {"teacher": {"source": self.teacher_source, "fingerprint": teacher.fingerprint, "cache": teacher.stats,
+                            "probe_cosine_before": self.before, "probe_cosine_after": self._teacher_cosine(loaded)}}
+
+
 class EmbeddingProbe:
     """Embeddings of a few queries and passages from the model entering a stage, to compare with later."""
 
@@ -66,13 +104,13 @@ class EmbeddingProbe:
 
 
 def run_finetune_stage(loaded: LoadedModel, config: FinetuneConfig, recipe, work_dir: Path,
-                       progress: bool = True) -> StageOutput:
-    """Train ``loaded`` contrastively (in place) and return it with LoRA merged."""
-    pairs, probe = load_stage_pairs(config, recipe)
-    reference = EmbeddingProbe(loaded, probe)
-    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, pairs,
-                                 checkpoint_dir(config, recipe, work_dir))
-    result = trainer.train(progress=progress)
-    loaded.model = trainer.finish()
-    return StageOutput(loaded=loaded, report={"training": result.summary(), "pairs": len(pairs),
-                                              "probe_cosine": reference.compare(loaded)})
+                       progress: bool = True, teacher: str | None = None) -> StageOutput:
+    """Train ``loaded`` (in place; distilling from the model at ``teacher`` when the objective says so)
+    and return it with LoRA merged."""
+    training = StageTraining(loaded, config, recipe, work_dir, teacher)
+    reference = EmbeddingProbe(loaded, training.probe)
+    result = training.trainer.train(progress=progress)
+    loaded.model = training.trainer.finish()
+    return StageOutput(loaded=loaded, report={"training": result.summary(), "pairs": len(training.trainer.pairs),
+                                              "objective": config.objective, "probe_cosine": reference.compare(loaded),
+                                              **training.report(loaded)})

@@ -20,13 +20,14 @@ class StageSpec:
     module: str
     function: str
     section: str
+    trains: bool = False   # takes ``teacher`` (the reference a distilling objective learns from)
 
 
 STAGES: dict[str, StageSpec] = {
-    "finetune": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "finetune"),
+    "finetune": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "finetune", trains=True),
     "depth": StageSpec("effir_export.compress.depth", "run_depth_stage", "depth"),
-    "width": StageSpec("effir_export.compress.width", "run_width_stage", "width"),
-    "recovery": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "recovery"),
+    "width": StageSpec("effir_export.compress.width", "run_width_stage", "width", trains=True),
+    "recovery": StageSpec("effir_export.compress.finetune", "run_finetune_stage", "recovery", trains=True),
 }
 STAGE_ORDER = tuple(STAGES)
 
@@ -36,27 +37,36 @@ def stages_in_recipe(recipe) -> list[str]:
     return [name for name in STAGE_ORDER if getattr(recipe, STAGES[name].section, None) is not None]
 
 
-def run_stage(name: str, loaded: LoadedModel, recipe, work_dir: Path) -> StageOutput:
-    """Run one stage with its recipe section; a clear error if the recipe has no such section."""
+def run_stage(name: str, loaded: LoadedModel, recipe, work_dir: Path, teacher: str | None = None) -> StageOutput:
+    """Run one stage with its recipe section; a clear error if the recipe has no such section.
+    ``teacher`` is the reference model a distilling training stage learns from."""
     spec = STAGES[name]
     config = getattr(recipe, spec.section, None)
     if config is None:
         raise RecipeError(f"recipe '{recipe.name}' has no '{spec.section}:' section; add one to run stage '{name}'")
     work_dir.mkdir(parents=True, exist_ok=True)
     function = getattr(importlib.import_module(spec.module), spec.function)
-    return function(loaded, config, recipe, work_dir)
+    return function(loaded, config, recipe, work_dir, teacher=teacher) if spec.trains else function(
+        loaded, config, recipe, work_dir)
 
 
 def compress(recipe, stages: list[str], out: Path, model_source: str | None = None) -> Path:
     """Load the model (``model_source`` or the recipe's), run ``stages``, and write one effir folder:
-    the model files, ``stages/<name>/`` work files and ``compress_report.json``."""
-    loaded = load_model(model_source or recipe.model.source)
+    the model files, ``stages/<name>/`` work files and ``compress_report.json``. A distilling stage's
+    teacher is the model loaded here; a fine-tune in the same call would change the reference, so a
+    distilling stage after one is refused (``build`` distills from the saved fine-tune)."""
+    source = model_source or recipe.model.source
+    if "finetune" in stages and any(getattr(getattr(recipe, STAGES[n].section), "uses_teacher", False)
+                                    for n in stages[stages.index("finetune") + 1:]):
+        raise RecipeError("a distilling stage after 'finetune' needs the fine-tuned reference saved first; run "
+                          "`effir-export build`, or compress the fine-tune and the rest in two calls")
+    loaded = load_model(source)
     loaded.model.config.embedding = recipe.embedding.apply(loaded.embedding).model_dump()
     reports = {}
     with atomic_directory(Path(out)) as tmp:
         for name in stages:
             started = time.perf_counter()
-            result = run_stage(name, loaded, recipe, tmp / "stages" / name)
+            result = run_stage(name, loaded, recipe, tmp / "stages" / name, teacher=str(source))
             loaded = result.loaded
             reports[name] = {**result.report, "seconds": round(time.perf_counter() - started, 2)}
         provenance = dict(loaded.model.config.provenance)

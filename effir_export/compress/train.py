@@ -1,5 +1,8 @@
-"""Contrastive (InfoNCE) training of an :class:`EffirModel`: the reference fine-tune, the gate stage
-and recovery all run through :class:`ContrastiveTrainer`.
+"""Training of an :class:`EffirModel` on text pairs: the reference fine-tune, the gate stage and recovery
+all run through :class:`ContrastiveTrainer`, with one of three objectives (``objective:``):
+``contrastive`` (InfoNCE on the labelled pairs), ``distill`` (reproduce the uncompressed teacher's
+embeddings and in-batch similarity distributions; labels unused) or ``mixed`` (distill plus a weighted
+InfoNCE term).
 
 Each query is scored against every positive in its micro-batch (in-batch negatives) and the hard
 negatives, with the model's own prompts and pooling; a positive that belongs to the same query (or
@@ -31,6 +34,7 @@ from ..models.encoder import select_device
 from ..models.format import EffirModel, atomic_directory
 from ..models.precision import effective_dtype
 from ..schema import StrictModel
+from .distill import DistillSettings, TeacherEmbeddings, distill_loss
 from .pairs import TrainingPair
 
 
@@ -53,7 +57,7 @@ class LoraSettings(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Contrastive training: data, InfoNCE, optimisation, precision, checkpoints.
+    """Training on text pairs: data, objective, optimisation, precision, checkpoints.
 
     ```yaml
     data: ../data/msmarco_subset_pairs/pairs.jsonl   # JSONL query/positive/negative(s), a BEIR folder,
@@ -64,7 +68,10 @@ class TrainConfig(StrictModel):
     batch_size: 8              # queries per micro-batch (in-batch negatives come from it)
     accumulation: 1            # micro-batches per optimizer step
     hard_negatives: 1          # negatives per query from the data (0 = in-batch only)
-    temperature: 0.02
+    objective: contrastive     # contrastive | distill | mixed (distill + distill.contrastive_weight x InfoNCE)
+    distill: {embedding_loss: cosine, embedding_weight: 1.0, kl_weight: 1.0, kl_temperature: 0.05,
+              contrastive_weight: 0.1}   # the teacher is the build's reference (the uncompressed model)
+    temperature: 0.02          # InfoNCE
     learning_rate: 1.0e-4
     weight_decay: 0.0
     warmup_steps: 0            # linear warm-up, then linear decay to 0
@@ -89,6 +96,8 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     accumulation: int = Field(1, ge=1)
     hard_negatives: int = Field(1, ge=0)
+    objective: Literal["contrastive", "distill", "mixed"] = "contrastive"
+    distill: DistillSettings = DistillSettings()
     temperature: float = Field(0.02, gt=0.0)
     learning_rate: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -108,6 +117,10 @@ class TrainConfig(StrictModel):
     def identity(self) -> dict:
         """The settings that change the result (checkpoint bookkeeping excluded)."""
         return self.model_dump(exclude={"checkpoint_every", "checkpoint_dir", "resume", "device"})
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.objective != "contrastive"
 
 
 @dataclass
@@ -184,13 +197,16 @@ def _child_path(root: nn.Module, target: nn.Module) -> str:
 
 
 class ContrastiveTrainer:
-    """Train ``model`` (in place) on ``pairs``; :meth:`finish` merges LoRA and returns the plain model."""
+    """Train ``model`` (in place) on ``pairs``; :meth:`finish` merges LoRA and returns the plain model.
+    ``teacher`` (the teacher's embeddings of every text the batches use, see :meth:`texts`) is set
+    before :meth:`train` when the objective distills."""
 
     def __init__(self, model: EffirModel, tokenizer, settings: EmbeddingConfig, config: TrainConfig,
                  pairs: list[TrainingPair], checkpoint_dir: Path):
         if len(pairs) < 2:
-            raise EffirError(f"contrastive training needs at least 2 pairs (got {len(pairs)}); add training data")
+            raise EffirError(f"training needs at least 2 pairs (got {len(pairs)}); add training data")
         self.config = config
+        self.teacher: TeacherEmbeddings | None = None
         self.tokenizer = tokenizer
         self.settings = settings.model_copy(update={"max_length": config.max_length or settings.max_length})
         self.pairs = pairs
@@ -233,13 +249,40 @@ class ContrastiveTrainer:
         ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
         return self.model.embed(ids, mask)
 
+    def documents(self, batch: list[TrainingPair]) -> list[str]:
+        """A micro-batch's candidate documents: the positives, then each pair's hard negatives."""
+        return [p.positive for p in batch] + [n for p in batch for n in p.negatives[: self.config.hard_negatives]]
+
+    def texts(self) -> tuple[list[str], list[str]]:
+        """Every query and document the run's micro-batches use (what the teacher must embed), in order."""
+        queries, documents = {}, {}
+        for micro in range(self.config.steps * self.config.accumulation):
+            batch = self.batch(micro)
+            queries.update(dict.fromkeys(p.query for p in batch))
+            documents.update(dict.fromkeys(self.documents(batch)))
+        return list(queries), list(documents)
+
     def micro_batch_loss(self, batch: list[TrainingPair]) -> torch.Tensor:
-        """InfoNCE of one micro-batch (positives first, then each pair's hard negatives)."""
-        documents = [p.positive for p in batch]
-        documents += [n for p in batch for n in p.negatives[: self.config.hard_negatives]]
+        """The objective on one micro-batch: InfoNCE, the distillation loss, or both."""
+        config = self.config
+        documents = self.documents(batch)
+        query_texts = [p.query for p in batch]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            queries = self._encode([p.query for p in batch], "query")
+            queries = self._encode(query_texts, "query")
             docs = self._encode(documents, "document")
+        if config.objective == "contrastive":
+            return self._info_nce(batch, documents, queries, docs)
+        if self.teacher is None:
+            raise EffirError(f"objective '{config.objective}' needs the teacher's embeddings; set trainer.teacher "
+                             "(the training stages do it from the build's reference)")
+        loss = distill_loss(queries, docs, self.teacher.lookup(query_texts, "query", self.device),
+                            self.teacher.lookup(documents, "document", self.device), config.distill)
+        if config.objective == "mixed":
+            loss = loss + config.distill.contrastive_weight * self._info_nce(batch, documents, queries, docs)
+        return loss
+
+    def _info_nce(self, batch: list[TrainingPair], documents: list[str], queries: torch.Tensor,
+                  docs: torch.Tensor) -> torch.Tensor:
         return info_nce(queries, docs, self.config.temperature, false_negative_mask(batch, documents).to(self.device))
 
     # --- training ------------------------------------------------------------------------------------
@@ -308,7 +351,8 @@ class ContrastiveTrainer:
     def _checkpoint_key(self, extension: nn.Module) -> str:
         facts = {"config": self.config.identity(), "layers": self.model.config.layers, "pairs": len(self.pairs),
                  "extension": {k: list(v.shape) for k, v in extension.state_dict().items()},
-                 "trainable": {k: list(v.shape) for k, v in self.trainable().items()}}
+                 "trainable": {k: list(v.shape) for k, v in self.trainable().items()},
+                 "teacher": self.teacher.fingerprint if self.teacher is not None else None}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _save_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:

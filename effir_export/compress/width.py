@@ -1,5 +1,6 @@
-"""The width stage: gate every kept MLP's neurons, train InfoNCE + Lagrangian-controlled relaxed L0 until
-the target share of neurons is closed, then fold the gates and cut exactly the target share."""
+"""The width stage: gate every kept MLP's neurons, train the objective (InfoNCE, distillation from the
+reference, or both) + Lagrangian-controlled relaxed L0 until the target share of neurons is closed, then
+fold the gates and cut exactly the target share."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,10 @@ import torch
 from ..accounting import account, compare_accounts
 from ..models.sources import LoadedModel
 from . import StageOutput
-from .finetune import EmbeddingProbe, checkpoint_dir, load_stage_pairs
+from .finetune import EmbeddingProbe, StageTraining
 from .gates import MlpGates
 from .sparsity import LagrangianController, SparsityConfig, make_relaxation, sparsity
-from .train import ContrastiveTrainer, TrainConfig, TrainingExtension
+from .train import TrainConfig, TrainingExtension
 
 
 class WidthConfig(TrainConfig):
@@ -61,13 +62,13 @@ class GateTraining(TrainingExtension):
 
 
 def run_width_stage(loaded: LoadedModel, config: WidthConfig, recipe, work_dir: Path,
-                    progress: bool = True) -> StageOutput:
-    """Train gates on ``loaded`` (in place), fold them and cut the MLPs to the target width."""
+                    progress: bool = True, teacher: str | None = None) -> StageOutput:
+    """Train gates on ``loaded`` (in place; distilling from the model at ``teacher`` when the objective
+    says so), fold them and cut the MLPs to the target width."""
     before = account(loaded.model)
-    pairs, probe = load_stage_pairs(config, recipe)
-    reference = EmbeddingProbe(loaded, probe)
-    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, pairs,
-                                 checkpoint_dir(config, recipe, work_dir))
+    training = StageTraining(loaded, config, recipe, work_dir, teacher)
+    trainer = training.trainer
+    reference = EmbeddingProbe(loaded, training.probe)
     gates = MlpGates(loaded.model, make_relaxation(config.sparsity))
     gates.attach(loaded.model)  # after LoRA: the hook sits on the module the layer calls
     extension = GateTraining(gates, config.sparsity, config.steps)
@@ -83,11 +84,13 @@ def run_width_stage(loaded: LoadedModel, config: WidthConfig, recipe, work_dir: 
     widths_after = [s.intermediate_size for s in after.layers if s.mlp]
     report = {
         "training": result.summary(),
+        "objective": config.objective,
         "target": config.sparsity.target,
         "closed_by_training": round(closed, 5),
         "removed_fraction": round(1 - sum(widths_after) / sum(widths_before), 5),
         "mlp_widths": widths_after,
         "probe_cosine": reference.compare(loaded),
+        **training.report(loaded),
         **compare_accounts(before, after),
     }
     return StageOutput(loaded=loaded, report=report)
