@@ -34,14 +34,21 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"parameters: {p['original']:,} -> {p.get('final', p['original']):,} "
                       f"({p.get('final', p['original']) / p['original']:.1%})"]
     if summary.get("backends"):
-        lines += ["", "| backend | params | size MB | nDCG@10 | min cosine (to) | query ms | doc ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        asymmetric = any(b.get("asymmetric_ndcg@10") is not None for b in summary["backends"])
+        lines += ["", "| backend | params | size MB | nDCG@10 |" + (" queries-only nDCG@10 |" if asymmetric else "")
+                  + " min cosine (to) | query ms | doc ms |", "|---|---:|---:|---:|" + ("---:|" if asymmetric else "")
+                  + "---:|---:|---:|"]
         for b in summary["backends"]:
             cosine = "-" if b.get("min_cosine") is None else f"{b['min_cosine']:.5f} ({b.get('cosine_to')})"
-            lines.append("| {name} | {params} | {size} | {ndcg} | {cos} | {q} | {d} |".format(
+            queries_only = f" {_fmt(b.get('asymmetric_ndcg@10'), '{:.4f}')} |" if asymmetric else ""
+            lines.append("| {name} | {params} | {size} | {ndcg} |{asym} {cos} | {q} | {d} |".format(
                 name=b.get("name"), params=_fmt(b.get("parameters"), "{:,}"), size=_fmt(b.get("size_mb"), "{:.1f}"),
-                ndcg=_fmt(b.get("ndcg@10"), "{:.4f}"), cos=cosine,
+                ndcg=_fmt(b.get("ndcg@10"), "{:.4f}"), asym=queries_only, cos=cosine,
                 q=_fmt(b.get("query_ms"), "{:.1f}"), d=_fmt(b.get("document_ms"), "{:.1f}")))
+        if asymmetric:
+            lines += ["", "nDCG@10: the backend embeds queries and documents (deploy it by re-embedding the corpus). "
+                          "queries-only: it embeds the queries against the reference's document embeddings (deploy "
+                          "it as the query encoder of an index the reference built)."]
     if "gates_passed" in summary:
         lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
         lines += [f"  failed: {g['metric']} on {g['backend']}: {_fmt(g.get('value'), '{:.4g}')} "

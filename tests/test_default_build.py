@@ -46,6 +46,9 @@ def test_default_build_compresses_the_real_retriever_and_passes_its_gates(build)
     difference = compressed["ndcg_at_10_delta"]
     assert difference["queries"] == 40 and difference["ci_low"] <= difference["mean"] <= difference["ci_high"]
     assert len(difference["per_query"]) == 40
+    queries_only = compressed["asymmetric"]  # the compressed queries against the reference's index
+    assert queries_only["ndcg_at_10_delta"]["queries"] == 40 and 0 < queries_only["query_fidelity"]["mean"] < 1
+    assert summary["backends"][1]["asymmetric_ndcg@10"] == queries_only["retrieval"]["ndcg_at_10"]
 
 
 def test_the_default_build_leaves_a_repository_the_bundled_tritonserver_serves(build, served_vs_onnx):

@@ -141,3 +141,48 @@ def test_validate_cli_bad_input_is_one_line_and_writes_nothing(workspace, tmp_pa
 def test_validate_without_reference_or_data_says_what_is_missing(tmp_path):
     result = CliRunner().invoke(main, ["validate", "--data", str(tmp_path)])
     assert result.exit_code == 2 and "missing key 'reference'" in result.output
+
+
+def _hand_ndcg_at_10(queries, corpus, query_ids, corpus_ids, qrels) -> float:
+    """nDCG@10 by the formula (linear gains, as trec_eval), from cosine rankings computed here."""
+    import numpy as np
+
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    d = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    values = []
+    for row, qid in zip(q @ d.T, query_ids):
+        by_id = sorted(range(len(corpus_ids)), key=lambda i: corpus_ids[i], reverse=True)  # ties: higher id first
+        ranked = [corpus_ids[i] for i in sorted(by_id, key=lambda i: -row[i])[:10]]  # (trec_eval's order)
+        dcg = sum(qrels[qid].get(doc, 0) / np.log2(rank + 2) for rank, doc in enumerate(ranked))
+        ideal = sorted(qrels[qid].values(), reverse=True)[:10]
+        values.append(dcg / sum(g / np.log2(rank + 2) for rank, g in enumerate(ideal)))
+    return float(np.mean(values))
+
+
+def test_asymmetric_scores_backend_queries_against_the_reference_index(workspace, tmp_path):
+    import numpy as np
+
+    from effir_export.validation.beir import load_beir
+    from effir_export.validation.gates import GateError
+
+    gates = tmp_path / "gates.yaml"
+    gates.write_text(yaml.safe_dump({"gates": [{"metric": "max_asymmetric_ndcg_at_10_drop_upper_points",
+                                                "threshold": 100.0, "backends": ["slim"]}]}))
+    cfg = config(workspace, backends=[f"slim=torch:{workspace / 'slim'}"], latency=None, memory=None,
+                 asymmetric=True, gates=str(gates), out=str(tmp_path / "out"))
+    report = run_validation(cfg)
+    full, slim = report.reference, report.backends[0]
+    with np.load(full.embeddings_cache) as f, np.load(slim.embeddings_cache) as s:
+        full_q, full_d, slim_q = f["queries"], f["corpus"], s["queries"]
+    data = load_beir(workspace / "beir")
+    expected = _hand_ndcg_at_10(slim_q, full_d, data.query_ids, data.corpus_ids, data.qrels)
+    assert slim.asymmetric.retrieval["ndcg_at_10"] == pytest.approx(expected, abs=1e-6)
+    assert slim.asymmetric.retrieval["ndcg_at_10"] != pytest.approx(slim.retrieval["ndcg_at_10"], abs=1e-9)
+    cos = (slim_q * full_q).sum(1) / np.linalg.norm(slim_q, axis=1) / np.linalg.norm(full_q, axis=1)
+    assert slim.asymmetric.query_fidelity.min == pytest.approx(float(cos.min()), abs=1e-5)
+    assert slim.asymmetric.ndcg_at_10_delta.mean == pytest.approx(expected - full.retrieval["ndcg_at_10"], abs=1e-6)
+    assert report.passed and report.gates[0].value == pytest.approx(-100 * slim.asymmetric.ndcg_at_10_delta.ci_low)
+    assert "Index-compatible (asymmetric)" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["backends"][0]["asymmetric"]["retrieval"]
+    with pytest.raises(GateError, match="needs the asymmetric measurement"):
+        run_validation(cfg.model_copy(update={"asymmetric": False}))

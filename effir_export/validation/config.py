@@ -76,6 +76,8 @@ class ValidateConfig(StrictModel):
       gates: ../validation/ci-gates.yaml
       fidelity_to: null        # backend the others' cosines are measured against (null: the reference);
                                # that backend itself is compared with the reference
+      asymmetric: false        # also score each backend's queries against the reference's document index
+                               # (swap the query encoder, keep the corpus embeddings; no extra encoding)
       latency: {query_batch: 8, document_batch: 32, warmup: 2, repeats: 10}
       memory: {batch: 16}
       out: ../reports/validation
@@ -91,6 +93,7 @@ class ValidateConfig(StrictModel):
     threads: int | None = Field(None, ge=1)
     gates: str | None = None
     fidelity_to: str | None = None
+    asymmetric: bool = False
     latency: LatencyConfig | None = LatencyConfig()
     memory: MemoryConfig | None = MemoryConfig()
     out: str | None = None

@@ -41,7 +41,7 @@ class Metric:
 
     read: Callable[[dict, dict], float | None]  # (backend result, reference result) -> value
     at_least: bool
-    needs: str | None = None  # the report section it needs: "latency" or "memory"
+    needs: str | None = None  # the config setting it needs: "latency", "memory" or "asymmetric"
     doc: str = ""
 
 
@@ -53,6 +53,14 @@ def _drop_upper_points(b: dict, ref: dict) -> float | None:
     """Upper end of the 95 % CI of (reference − backend) nDCG@10 in points: −100 x the lower end of Δ."""
     delta = b.get("ndcg_at_10_delta")
     return None if not delta else -100.0 * delta["ci_low"]
+
+
+def _asymmetric_ndcg(b: dict, ref: dict) -> float | None:
+    return None if not b.get("asymmetric") else b["asymmetric"]["retrieval"]["ndcg_at_10"]
+
+
+def _asymmetric_drop_upper_points(b: dict, ref: dict) -> float | None:
+    return None if not b.get("asymmetric") else -100.0 * b["asymmetric"]["ndcg_at_10_delta"]["ci_low"]
 
 
 def _fidelity(key: str) -> Callable[[dict, dict], float | None]:
@@ -77,6 +85,11 @@ METRICS: dict[str, Metric] = {
     "max_ndcg_at_10_drop_upper_points": Metric(_drop_upper_points, False,
                                                doc="upper end of the 95 % CI (paired bootstrap over queries) of "
                                                    "(reference - backend) nDCG@10, in points"),
+    "min_asymmetric_ndcg_at_10": Metric(_asymmetric_ndcg, True, needs="asymmetric",
+                                        doc="nDCG@10 of the backend's queries against the reference's document index"),
+    "max_asymmetric_ndcg_at_10_drop_upper_points": Metric(
+        _asymmetric_drop_upper_points, False, needs="asymmetric",
+        doc="upper end of the 95 % CI of the asymmetric nDCG@10 drop against the reference, in points"),
     "max_recall_at_100_drop_points": Metric(_drop_points("recall_at_100"), False,
                                             doc="(reference - backend) recall@100, in points (x100)"),
     "max_size_mb": Metric(lambda b, ref: None if b["disk_bytes"] is None else b["disk_bytes"] / 1e6, False,

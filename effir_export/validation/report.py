@@ -17,6 +17,14 @@ from .stats import EXACT_MAX_QUERIES, RESAMPLES, SEED, PairedDifference
 FILES = ("report.json", "junit.xml", "report.md", "quality_size_latency.png", "fidelity_hist.png")
 
 
+class AsymmetricResult(BaseModel):
+    """A backend's queries against the reference's document index (an index-compatible query encoder)."""
+
+    retrieval: dict
+    ndcg_at_10_delta: PairedDifference  # (this − reference) per query, CI, p
+    query_fidelity: FidelityStats       # the backend's query embeddings vs the reference's
+
+
 class BackendResult(BaseModel):
     """Everything measured for one backend (the reference included)."""
 
@@ -36,6 +44,7 @@ class BackendResult(BaseModel):
     memory: MemoryResult | None = None
     speedup: dict[str, float] | None = None
     ndcg_at_10_delta: PairedDifference | None = None  # (this − reference) per query, CI, p; None for the reference
+    asymmetric: AsymmetricResult | None = None  # with ``asymmetric: true``; None for the reference
     extra: dict = Field(default_factory=dict)
 
 
@@ -141,11 +150,30 @@ def markdown(report: ValidationReport) -> str:
                  "x 100, the mean of the per-query differences; [95 % CI]: paired bootstrap over queries (BCa, "
                  f"{RESAMPLES:,} resamples, seed {SEED}); p: two-sided paired randomization (sign-flip) test, exact "
                  f"over all 2^n sign patterns up to {EXACT_MAX_QUERIES} queries, else {RESAMPLES:,} random ones (MC).")
+    if any(r.asymmetric for r in report.backends):
+        lines += ["", asymmetric_markdown(report)]
     if report.latency:
         lines += ["", latency_markdown(report.latency)]
     lines += ["", "## Gates", "", gates_table(report.gates) if report.gates else "No gates configured.",
               *[f"\nSkipped: {note}." for note in report.skipped_gates],
               "", "![quality vs size vs latency](quality_size_latency.png)", "", "![fidelity](fidelity_hist.png)", ""]
+    return "\n".join(lines)
+
+
+def asymmetric_markdown(report: ValidationReport) -> str:
+    """Each backend's queries against the reference's document index, beside its symmetric figure."""
+    lines = ["## Index-compatible (asymmetric): backend queries x reference document index", "",
+             "| backend | symmetric nDCG@10 | asymmetric nDCG@10 | Δ pts [95 % CI] | p | recall@100 | query cos mean "
+             "| query cos min |", "|---" * 8 + "|"]
+    for r in report.backends:
+        a = r.asymmetric
+        if a is not None:
+            lines.append(f"| {r.name} | {r.retrieval['ndcg_at_10']:.4f} | {a.retrieval['ndcg_at_10']:.4f} | "
+                         f"{_delta(a.ndcg_at_10_delta)} | {a.retrieval['recall_at_100']:.4f} | "
+                         f"{a.query_fidelity.mean:.5f} | {a.query_fidelity.min:.5f} |")
+    lines.append("\nSymmetric: the backend embeds queries and documents (re-embed the corpus to deploy it). "
+                 f"Asymmetric: it embeds only the queries, scored against the reference's (`{report.reference.name}`) "
+                 "corpus embeddings, so an existing index stays.")
     return "\n".join(lines)
 
 

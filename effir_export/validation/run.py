@@ -26,7 +26,8 @@ from .fidelity import fidelity
 from .gates import check_gates, evaluate_gates, load_gates, without_absent
 from .latency import LatencyReport, measure_latency
 from .memory import MemoryResult, measure_isolated
-from .report import BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench, write_reports
+from .report import (AsymmetricResult, BackendResult, BenchEntry, BenchReport, ValidationReport, write_bench,
+                     write_reports)
 from .stats import paired_difference
 
 
@@ -87,13 +88,25 @@ def _measure_fidelity(results: list, encoded: list, fidelity_to: str | None) -> 
         result.fidelity = fidelity(embeddings[index], embeddings[against], names[against])
 
 
+def _per_query(retrieval: dict) -> dict[str, float]:
+    return {q: scores["ndcg_at_10"] for q, scores in retrieval["per_query"].items()}
+
+
 def _compare_quality(results: list[BackendResult]) -> None:
     """Each backend's per-query nDCG@10 against the reference's (``results[0]``): mean Δ, 95 % CI, p-value."""
-    def per_query(result: BackendResult) -> dict[str, float]:
-        return {q: scores["ndcg_at_10"] for q, scores in result.retrieval["per_query"].items()}
-
     for result in results[1:]:
-        result.ndcg_at_10_delta = paired_difference(per_query(result), per_query(results[0]))
+        result.ndcg_at_10_delta = paired_difference(_per_query(result.retrieval), _per_query(results[0].retrieval))
+
+
+def _compare_asymmetric(results: list[BackendResult], encoded: list, data: BeirData) -> None:
+    """Each backend's queries searched in the reference's corpus embeddings (``encoded[0]``)."""
+    reference_queries, reference_corpus = encoded[0][:2]
+    for result, (queries, *_) in zip(results[1:], encoded[1:]):
+        retrieval = evaluate(data.qrels, search(queries, reference_corpus, data.query_ids, data.corpus_ids))
+        result.asymmetric = AsymmetricResult(
+            retrieval=retrieval,
+            ndcg_at_10_delta=paired_difference(_per_query(retrieval), _per_query(results[0].retrieval)),
+            query_fidelity=fidelity(queries, reference_queries, results[0].name))
 
 
 def _base(base_dir: str | Path | None) -> Path:
@@ -111,7 +124,8 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     specs = parse_specs([config.reference, *config.backends])
     names = [s.name for s in specs]
     gates, skipped_gates = without_absent(load_gates(config.gates) if config.gates else [], set(absent_backends))
-    check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None})
+    check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None}
+                | ({"asymmetric"} if config.asymmetric else set()))
     if config.fidelity_to is not None and config.fidelity_to not in names:
         raise BackendError(f"fidelity_to: '{config.fidelity_to}' is not a backend under test; "
                                     f"choose one of {', '.join(names)}")
@@ -125,6 +139,8 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
         encoded = [_embed(b, data, cache_dir) for b in backends]
         results = [_result(b, data, *e) for b, e in zip(backends, encoded)]
         _compare_quality(results)
+        if config.asymmetric:
+            _compare_asymmetric(results, encoded, data)
         _measure_fidelity(results, encoded, config.fidelity_to)
         if config.memory is not None:
             for result, memory in zip(results, _measure_memory(backends, data.corpus_texts, config.memory.batch,
