@@ -2,6 +2,7 @@
 real packaged models (session-scoped; loading SmolLM2 costs seconds). Data: effir_export.paths.DATA_DIR."""
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -107,7 +108,8 @@ TEXTS = [
 @pytest.fixture
 def served_vs_onnx():
     """Serve a built Triton repository on the bundled tritonserver (loopback) and return the cosine of each
-    served embedding of a query and a document to ONNX Runtime's on the build's ONNX folder."""
+    served embedding of a query and a document (and the query through the query ensemble, when the
+    repository has one) to ONNX Runtime's on the build's ONNX folder."""
     import tritonclient.http as httpclient
 
     from effir_export.runtime.ort import OrtEncoder
@@ -124,6 +126,12 @@ def served_vs_onnx():
             inputs[0].set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
             inputs[1].set_data_from_numpy(np.array([[k.encode()] for k in kinds], dtype=object))
             served = client.infer("effir", inputs).as_numpy("embedding")
+            query_ensemble = json.loads((repository / "repository.json").read_text()).get("query_ensemble")
+            if query_ensemble:  # the index-compatible query encoder: TEXT alone
+                text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+                text.set_data_from_numpy(np.array([[texts[0].encode()]], dtype=object))
+                served = np.concatenate([served, client.infer(query_ensemble, [text]).as_numpy("embedding")])
+                expected = np.concatenate([expected, expected[:1]])
         finally:
             server.stop()
         return (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))

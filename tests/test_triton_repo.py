@@ -80,6 +80,27 @@ def test_cpu_repository_layout_and_configs(tiny_export, extras, tmp_path):
     assert summary["flavour"] == "cpu" and summary["embedding_dim"] == 32 and summary["ensemble"] == "effir"
 
 
+def test_the_query_ensemble_takes_text_alone_and_its_tokenizer_serves_only_queries(tiny_export, tmp_path,
+                                                                                 monkeypatch):
+    repo = write_triton_repository(tiny_export, TritonConfig(query_ensemble=True), tmp_path / "repo")
+    cfg = configs(repo)
+    assert set(cfg) == {"effir", "effir_tokenizer", "effir_encoder", "effir_query", "effir_query_tokenizer"}
+    query = cfg["effir_query"]
+    assert [i.name for i in query.input] == ["TEXT"] and [o.name for o in query.output] == ["embedding"]
+    assert [s.model_name for s in query.ensemble_scheduling.step] == ["effir_query_tokenizer", "effir_encoder"]
+    assert [(i.name, i.optional) for i in cfg["effir_query_tokenizer"].input] == [
+        ("TEXT", False), ("KIND", True), ("TITLE", True)]
+    assert json.loads((repo / "repository.json").read_text())["query_ensemble"] == "effir_query"
+    tokenizer = load_tokenizer_model(repo / "effir_query_tokenizer" / "1", monkeypatch)
+    tokenizer.check_kinds(["query"])
+    with pytest.raises(ValueError, match=r"KIND \['document'\] is not served here"):
+        tokenizer.check_kinds(["query", "document"])
+    both = load_tokenizer_model(repo / "effir_tokenizer" / "1", monkeypatch)
+    both.check_kinds(["query", "document"])
+    with pytest.raises(ValueError, match="unknown KIND"):
+        both.check_kinds(["passage"])
+
+
 def test_gpu_flavour_uses_onnxruntime_backend_tensorrt_accelerator_and_plans(tiny_export, tmp_path):
     engines = tmp_path / "engines"
     engines.mkdir()

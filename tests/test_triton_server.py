@@ -47,7 +47,8 @@ def reference(export):
 
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
-    repo = write_triton_repository(export, TritonConfig(max_batch_size=32, max_queue_delay_us=50_000),
+    repo = write_triton_repository(export, TritonConfig(max_batch_size=32, max_queue_delay_us=50_000,
+                                                        query_ensemble=True),
                                    tmp_path_factory.mktemp("triton") / "repo")
     server = TritonServer(repo)
     try:
@@ -87,6 +88,20 @@ def test_http_and_grpc_return_onnxruntime_embeddings(server, reference):
     as_query = http.infer("effir", text_inputs(httpclient, ["a"], ["query"])).as_numpy("embedding")
     as_doc = http.infer("effir", text_inputs(httpclient, ["a"], ["document"])).as_numpy("embedding")
     assert cosines(as_query, as_doc)[0] < 0.999
+
+
+def test_the_query_ensemble_takes_text_alone_and_serves_only_queries(server, reference):
+    """The index-compatible query encoder: TEXT in (no KIND), the query embedding out; its tokenizer
+    refuses documents with a message that says where documents come from."""
+    http = httpclient.InferenceServerClient(server.http_url, network_timeout=TIMEOUT_S)
+    text = httpclient.InferInput("TEXT", [len(QUERIES), 1], "BYTES")
+    text.set_data_from_numpy(np.array([[q.encode()] for q in QUERIES], dtype=object))
+    served = http.infer("effir_query", [text]).as_numpy("embedding")
+    assert cosines(served, reference["query"]).min() >= 0.9999
+    with pytest.raises(InferenceServerException, match="not served here.*embed documents with the reference"):
+        http.infer("effir_query_tokenizer", text_inputs(httpclient, ["x"], ["document"]))
+    with pytest.raises(InferenceServerException, match="KIND"):  # the ensemble has no KIND input at all
+        http.infer("effir_query", text_inputs(httpclient, ["x"], ["query"]))
 
 
 def test_optional_title_is_composed_as_the_harness_composes_it(server, export):

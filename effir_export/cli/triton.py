@@ -24,6 +24,9 @@ def register(group: click.Group) -> None:
 @click.option("--tensorrt", is_flag=True, default=None, help="gpu flavour: ONNX Runtime's TensorRT accelerator.")
 @click.option("--engines", type=click.Path(exists=True, file_okay=False), default=None,
               help="gpu flavour: folder of TensorRT <profile>.plan files to serve as tensorrt_plan models.")
+@click.option("--query-ensemble", is_flag=True, default=None,
+              help="Also <name>_query: TEXT -> query embedding (no KIND), the query encoder for an index the "
+                   "reference model built (validate such a deployment with `asymmetric: true`).")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Recipe whose `triton:` section gives the defaults; copied beside each version.")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -47,8 +50,9 @@ def triton(artifacts: str, out: str, engines: str | None, recipe: str | None, re
     config = validated_config(TritonConfig, values)
     repo = write_triton_repository(artifacts, config, out, engines=engines, recipe=recipe, report=report)
     names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    query = f", or '{config.name}_query' with TEXT (queries only)" if config.query_ensemble else ""
     click.echo(f"wrote {repo} ({config.flavour} flavour): {', '.join(names)}; clients call '{config.name}' "
-               "with TEXT and KIND (query|document)")
+               f"with TEXT and KIND (query|document){query}")
 
 
 def validated_config(cls, values: dict):

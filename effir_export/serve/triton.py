@@ -8,6 +8,9 @@ Layout (standard): ``<model>/config.pbtxt`` and ``<model>/<version>/...`` for
   ONNX Runtime (serves on the bundled tritonserver, which has no onnxruntime backend); GPU flavour:
   Triton's onnxruntime backend on KIND_GPU, optionally with ONNX Runtime's TensorRT accelerator;
 - ``<name>``: the ensemble tokenizer -> encoder, so clients send text and receive embeddings;
+- with ``query_ensemble: true``: ``<name>_query`` (TEXT -> query embedding, through
+  ``<name>_query_tokenizer``, which serves only queries): the query encoder of an index-compatible
+  deployment, where documents keep the reference model's embeddings;
 - with TensorRT engines (GPU flavour): ``<name>_trt_<profile>`` tensorrt_plan models on token ids.
 
 Every model has ``max_batch_size``, variable sequence length (-1) and dynamic batching where it batches.
@@ -58,6 +61,8 @@ class TritonConfig(StrictModel):
       tensorrt_precision: FP16     # FP32 | FP16
       tensorrt_workspace_gb: 4
       version: 1
+      query_ensemble: false        # also <name>_query: TEXT -> query embedding (no KIND), for an index the
+                                   # reference built (validate with asymmetric: true)
     ```
     """
 
@@ -72,6 +77,7 @@ class TritonConfig(StrictModel):
     tensorrt_precision: Literal["FP32", "FP16"] = "FP16"
     tensorrt_workspace_gb: float = Field(4.0, gt=0)
     version: int = Field(1, ge=1)
+    query_ensemble: bool = False
 
     @model_validator(mode="after")
     def _tensorrt_needs_gpu(self) -> "TritonConfig":
@@ -80,7 +86,8 @@ class TritonConfig(StrictModel):
         return self
 
     def model_names(self) -> dict[str, str]:
-        return {"ensemble": self.name, "tokenizer": f"{self.name}_tokenizer", "encoder": f"{self.name}_encoder"}
+        return {"ensemble": self.name, "tokenizer": f"{self.name}_tokenizer", "encoder": f"{self.name}_encoder",
+                "query_ensemble": f"{self.name}_query", "query_tokenizer": f"{self.name}_query_tokenizer"}
 
 
 def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: str | Path, *,
@@ -107,6 +114,11 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
             names["encoder"]: write_encoder_model(tmp / names["encoder"], artifacts, meta, config, mc),
             names["ensemble"]: write_ensemble(tmp / names["ensemble"], dim, config, mc),
         }
+        if config.query_ensemble:
+            written[names["query_tokenizer"]] = write_tokenizer_model(tmp / names["query_tokenizer"], artifacts, meta,
+                                                                      config, mc, kinds=("query",))
+            written[names["query_ensemble"]] = write_ensemble(tmp / names["query_ensemble"], dim, config, mc,
+                                                              kinds=("query",))
         for plan in plans:
             model = f"{config.name}_trt_{plan.stem}"
             written[model] = write_plan_model(tmp / model, plan, dim, config, mc)
@@ -117,6 +129,7 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
             "flavour": config.flavour, "config": config.model_dump(), "source": str(artifacts.resolve()),
             "embedding": meta["embedding"], "embedding_dim": dim, "precision": meta.get("precision"),
             "models": sorted(written), "ensemble": names["ensemble"],
+            "query_ensemble": names["query_ensemble"] if config.query_ensemble else None,
             "inputs": {"TEXT": "BYTES [batch, 1]", "KIND": "BYTES [batch, 1] (query | document)",
                        "TITLE": "BYTES [batch, 1], optional (documents' titles)"},
             "outputs": {"embedding": f"FP32 [batch, {dim}]"},
@@ -176,8 +189,9 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def tokenizer_settings(artifacts: Path, meta: dict, config: TritonConfig) -> dict:
-    """What the tokenizer model needs besides tokenizer.json: prompts, lengths and special token ids."""
+def tokenizer_settings(artifacts: Path, meta: dict, config: TritonConfig, kinds: tuple[str, ...] = KINDS) -> dict:
+    """What the tokenizer model needs besides tokenizer.json: prompts, lengths, special token ids and the
+    kinds of text it serves."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(artifacts))
@@ -189,7 +203,7 @@ def tokenizer_settings(artifacts: Path, meta: dict, config: TritonConfig) -> dic
             "missing_title": embedding.get("missing_title", "none"),
             "max_length": embedding["max_length"], "append_eos": embedding["append_eos"],
             "eos_id": tokenizer.eos_token_id, "pad_id": pad_id, "truncation_side": tokenizer.truncation_side,
-            "pad_to_multiple": config.pad_to_multiple}
+            "pad_to_multiple": config.pad_to_multiple, "kinds": list(kinds)}
 
 
 def add_tensor(collection, mc, name: str, data_type: str, dims: list[int], **extra) -> None:
@@ -201,10 +215,12 @@ def instance_kind(config: TritonConfig, mc, gpu_capable: bool):
     return getattr(mc.ModelInstanceGroup, kind)
 
 
-def write_tokenizer_model(model_dir: Path, artifacts: Path, meta: dict, config: TritonConfig, mc) -> Path:
+def write_tokenizer_model(model_dir: Path, artifacts: Path, meta: dict, config: TritonConfig, mc,
+                          kinds: tuple[str, ...] = KINDS) -> Path:
+    """The python-backend tokenizer serving ``kinds`` (with one kind, KIND is optional and defaults to it)."""
     cfg = mc.ModelConfig(name=model_dir.name, backend="python", max_batch_size=config.max_batch_size)
     add_tensor(cfg.input, mc, "TEXT", "TYPE_STRING", [1])
-    add_tensor(cfg.input, mc, "KIND", "TYPE_STRING", [1])
+    add_tensor(cfg.input, mc, "KIND", "TYPE_STRING", [1], optional=len(kinds) == 1)
     add_tensor(cfg.input, mc, "TITLE", "TYPE_STRING", [1], optional=True)
     add_tensor(cfg.output, mc, "input_ids", "TYPE_INT64", [-1])
     add_tensor(cfg.output, mc, "attention_mask", "TYPE_INT64", [-1])
@@ -214,7 +230,7 @@ def write_tokenizer_model(model_dir: Path, artifacts: Path, meta: dict, config: 
     version.mkdir()
     shutil.copy2(TEMPLATES / "tokenizer_model.py", version / "model.py")
     shutil.copy2(artifacts / "tokenizer.json", version / "tokenizer.json")
-    settings = tokenizer_settings(artifacts, meta, config)
+    settings = tokenizer_settings(artifacts, meta, config, kinds)
     (version / TOKENIZER_SETTINGS).write_text(json.dumps(settings, indent=2))
     return version
 
@@ -256,17 +272,18 @@ def write_encoder_model(model_dir: Path, artifacts: Path, meta: dict, config: Tr
     return version
 
 
-def write_ensemble(model_dir: Path, dim: int, config: TritonConfig, mc) -> Path:
+def write_ensemble(model_dir: Path, dim: int, config: TritonConfig, mc, kinds: tuple[str, ...] = KINDS) -> Path:
+    """tokenizer -> encoder on text; for queries only (``kinds == ("query",)``) the input is TEXT alone."""
     names = config.model_names()
+    query_only = kinds == ("query",)
     cfg = mc.ModelConfig(name=model_dir.name, platform="ensemble", max_batch_size=config.max_batch_size)
-    add_tensor(cfg.input, mc, "TEXT", "TYPE_STRING", [1])
-    add_tensor(cfg.input, mc, "KIND", "TYPE_STRING", [1])
-    add_tensor(cfg.input, mc, "TITLE", "TYPE_STRING", [1], optional=True)
+    inputs = ["TEXT"] if query_only else ["TEXT", "KIND", "TITLE"]
+    for name in inputs:
+        add_tensor(cfg.input, mc, name, "TYPE_STRING", [1], **({"optional": True} if name == "TITLE" else {}))
     add_tensor(cfg.output, mc, "embedding", "TYPE_FP32", [dim])
     steps = cfg.ensemble_scheduling.step
-    steps.add(model_name=names["tokenizer"], model_version=-1,
-              input_map={"TEXT": "TEXT", "KIND": "KIND", "TITLE": "TITLE"},
-              output_map={name: name for name in TOKEN_INPUTS})
+    steps.add(model_name=names["query_tokenizer" if query_only else "tokenizer"], model_version=-1,
+              input_map={name: name for name in inputs}, output_map={name: name for name in TOKEN_INPUTS})
     steps.add(model_name=names["encoder"], model_version=-1, input_map={name: name for name in TOKEN_INPUTS},
               output_map={"embedding": "embedding"})
     save_config(model_dir, cfg)
