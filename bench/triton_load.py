@@ -1,6 +1,6 @@
 """Benchmark: the served default build under concurrent load, then killed mid-load and served again.
 
-1. `serve` the build's Triton repository (default: build/smollm2-135m/*-triton/repository, made by
+1. `serve` the build's Triton repository (default: build/embeddinggemma-300m/*-triton/repository, made by
    `effir-export build`) with the bundled tritonserver on 127.0.0.1;
 2. send every text alone (the expected embeddings), then 8 concurrent clients (4 HTTP, 4 gRPC) x 200
    single-text requests, mixed DBpedia queries and documents, each with a 30 s timeout;
@@ -43,9 +43,13 @@ def texts(n_queries: int, n_documents: int) -> tuple[list[str], list[str]]:
 
 
 def default_repository() -> Path:
-    found = sorted((REPO / "build" / "smollm2-135m").glob("*-triton/repository"))
+    """The default build's repository: build/<default recipe>/NN-triton/repository."""
+    from effir_export.recipe import load_recipe
+
+    folder = REPO / "build" / load_recipe().name
+    found = sorted(folder.glob("*-triton/repository"))
     if not found:
-        sys.exit("no build/smollm2-135m/*-triton/repository: run `effir-export build` first, or pass --repo")
+        sys.exit(f"no {folder}/*-triton/repository: run `effir-export build` first, or pass --repo")
     return found[-1]
 
 
