@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -24,12 +23,11 @@ import torch
 from effir_export.accounting import account
 from effir_export.compress.drop import DropConfig, apply_drops, select_drops
 from effir_export.compress.score import ScoreConfig, score_sublayers
-from effir_export.models.encoder import Encoder
 from effir_export.models.sources import load_model
 from effir_export.paths import DATA_DIR
-from effir_export.validation.beir import evaluate, load_beir, search, slice_beir
+from effir_export.validation.beir import load_beir, slice_beir
 from effir_export.validation.config import SliceConfig
-from effir_export.validation.stats import paired_difference
+from retrieval_points import QUALITY_HEADER, HeldOut, quality_cells
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_POINTS = "full,mlp-6,attn-6,mlp-3,attn-6+mlp-3,mlp-6@pooled,mlp-12"
@@ -64,42 +62,24 @@ def main() -> None:
                                          Path(ScoreConfig().calibration), progress=True)
               for positions in sorted({p[3] for p in points})}
     full = loaded.model
-
-    def encode(model, texts, kind):
-        encoder = Encoder(model, loaded.tokenizer, settings=settings, dtype=torch.bfloat16)
-        return encoder.encode(texts, kind=kind), str(encoder.dtype).removeprefix("torch.")
-
-    started = time.perf_counter()
-    (full_q, computed_in), (full_d, _) = encode(full, data.query_texts, "query"), encode(full, data.corpus_texts, "document")
-    seconds_full = time.perf_counter() - started
-    full_eval = evaluate(data.qrels, search(full_q, full_d, data.query_ids, data.corpus_ids))
-    full_per_query = {q: v["ndcg_at_10"] for q, v in full_eval["per_query"].items()}
+    held_out = HeldOut(full, loaded.tokenizer, settings, data)
     out = {"command": "python bench/effir_depth_sweep.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "model": args.model, "data": data.summary(),
-        "computed_in": computed_in, "threads": torch.get_num_threads(),
-        "full_ndcg_at_10": full_eval["ndcg_at_10"], "full_recall_at_100": full_eval["recall_at_100"],
-        "full_encode_s": seconds_full, "scores": {k: [s.model_dump() for s in v.layers] for k, v in scores.items()},
-        "points": []}
+        "computed_in": held_out.computed_in, "threads": torch.get_num_threads(),
+        "full_ndcg_at_10": held_out.full["ndcg_at_10"], "full_recall_at_100": held_out.full["recall_at_100"],
+        "full_encode_s": held_out.encode_seconds,
+        "scores": {k: [s.model_dump() for s in v.layers] for k, v in scores.items()}, "points": []}
     for name, attention, mlps, positions in points:
         model = copy.deepcopy(full) if (mlps or attention) else full
         drops = select_drops(scores[positions], DropConfig(mlp=mlps, attention=attention))
         apply_drops(model, drops)
-        q, _ = encode(model, data.query_texts, "query")
-        d = encode(model, data.corpus_texts, "document")[0] if (mlps or attention) else full_d
         facts = account(model)
         row = {"point": name, "score_positions": positions, "dropped": drops, "params": facts.parameters,
                "non_embedding_params": facts.non_embedding_parameters,
-               "flops_per_token_128": facts.flops_per_token["128"],
-               "query_cosine_to_full": float((q * full_q).sum(1).mean())}
-        for setting, (qq, dd) in {"symmetric": (q, d), "asymmetric": (q, full_d)}.items():
-            result = evaluate(data.qrels, search(qq, dd, data.query_ids, data.corpus_ids))
-            diff = paired_difference({k: v["ndcg_at_10"] for k, v in result["per_query"].items()}, full_per_query)
-            row[setting] = {"ndcg_at_10": result["ndcg_at_10"], "ratio": result["ndcg_at_10"] / full_eval["ndcg_at_10"],
-                            "recall_at_100": result["recall_at_100"], "delta": diff.mean,
-                            "delta_ci95": [diff.ci_low, diff.ci_high], "p_value": diff.p_value}
+               "flops_per_token_128": facts.flops_per_token["128"], **held_out.quality(model)}
         out["points"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "dropped"}), flush=True)
-        write(out, args, data, full_eval)
+        write(out, args, data, held_out.full)
         del model
 
 
@@ -115,16 +95,13 @@ def write(out: dict, args, data, full_eval: dict) -> None:
              f"(slice judged: {args.judged}), {args.max_length} tokens, PyTorch {out['computed_in']}, "
              f"{out['threads']} threads. Full model nDCG@10 {full_eval['ndcg_at_10']:.4f}. Δ: nDCG@10 points vs the "
              "full model, paired bootstrap 95 % CI (BCa) over queries, p: paired sign-flip test.", "",
-             "| point | dropped (layer indices) | non-embedding params | query cos | symmetric nDCG@10 | Δ pts [95 % CI] | p "
-             "| asymmetric nDCG@10 | Δ pts [95 % CI] | p |", "|---|---|---:|---:|---:|---|---:|---:|---|---:|"]
+             f"| point | dropped (layer indices) | non-embedding params | query cos | {QUALITY_HEADER[0]} |",
+             f"|---|---|---:|---:|{QUALITY_HEADER[1]}|"]
     for r in out["points"]:
         share = f" ({100 * r['non_embedding_params'] / full:.0f} %)" if full else ""
         dropped = "; ".join(f"{k} {v}" for k, v in r["dropped"].items() if v) or "-"
-        cells = [f"{r[s]['ndcg_at_10']:.4f} ({100 * r[s]['ratio']:.1f} %) | {100 * r[s]['delta']:+.2f} "
-                 f"[{100 * r[s]['delta_ci95'][0]:+.2f}, {100 * r[s]['delta_ci95'][1]:+.2f}] | {r[s]['p_value']:.3f}"
-                 for s in ("symmetric", "asymmetric")]
         lines.append(f"| {r['point']} | {dropped} | {r['non_embedding_params']:,}{share} | "
-                     f"{r['query_cosine_to_full']:.4f} | {cells[0]} | {cells[1]} |")
+                     f"{r['query_cosine_to_full']:.4f} | {quality_cells(r)} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
