@@ -77,9 +77,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     MODEL arguments accept a model folder, a .gguf file, or a built-in alias (smollm2-135m, minilm-l6).
     Nothing is downloaded from a model hub.
     """
+    from ..distributed import init_from_env
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     _configure_logging(debug)
+    init_from_env()  # under torchrun: join its process group (score, compress and validate share the work)
 
 
 def _configure_logging(debug: bool) -> None:

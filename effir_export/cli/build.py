@@ -25,12 +25,17 @@ def build(recipe_path, out, force) -> None:
     skipped with the reason shown. Writes OUT/<NN>-<stage>/ folders and OUT/build_summary.{json,md};
     exits non-zero when a validation gate fails.
     """
+    from .. import distributed
     from ..build_steps import default_steps
+    from ..errors import EffirError
     from ..build_summary import summarize, write_summary
     from ..pipeline import run_build
     from ..outputs import check_output_path
     from ..recipe import load_recipe
 
+    if distributed.active():
+        raise EffirError("build does not run under torchrun yet; run the multi-process stages with `torchrun "
+                         "--nproc-per-node N -m effir_export compress|validate|score ...`, then build")
     recipe = load_recipe(recipe_path)
     folder = Path(out) if out else Path("build") / recipe.name
     check_output_path(folder, [recipe.model.source], replaces=False)  # stages go below it, each replaced

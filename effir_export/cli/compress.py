@@ -30,8 +30,8 @@ def score(model, recipe_path, calibration, samples, max_length, positions, out) 
     OUT/scores.png (both groups by layer). Low S = the sublayer barely changes the residual stream.
     """
     from ..compress.depth import DepthConfig
+    from .. import distributed
     from ..compress.score import score_sublayers, write_scores
-    from ..models.format import atomic_directory
     from ..models.sources import load_model
     from ..outputs import check_output_path
     from ..recipe import load_recipe
@@ -45,8 +45,10 @@ def score(model, recipe_path, calibration, samples, max_length, positions, out) 
     loaded = load_model(model)
     loaded.model.config.embedding = recipe.embedding.apply(loaded.embedding).model_dump()
     result = score_sublayers(loaded, config, calibration_path)
-    with atomic_directory(Path(out)) as tmp:
+    with distributed.written_by_main(Path(out)) as tmp:
         write_scores(result, tmp)
+    if not distributed.is_main():
+        return
     click.echo(format_scores(result))
     click.echo(f"wrote {out}/scores.json and {out}/scores.png")
 
@@ -76,6 +78,7 @@ def compress(recipe_path, stage_names, model_source, force, out) -> None:
     compression. OUT is an effir model folder (config.json, model.safetensors, tokenizer) plus
     stages/<name>/ work files and compress_report.json.
     """
+    from .. import distributed
     from ..accounting import account
     from ..compress.pipeline import STAGE_ORDER, compress as run_compress, stages_in_recipe
     from ..models.sources import load_model
@@ -88,6 +91,8 @@ def compress(recipe_path, stage_names, model_source, force, out) -> None:
         recipe.depth.drop.force = True
     stages = stages_in_recipe(recipe) if "all" in stage_names else [s for s in STAGE_ORDER if s in stage_names]
     folder = run_compress(recipe, stages, Path(out), model_source)
+    if not distributed.is_main():
+        return
     report = json.loads((folder / "compress_report.json").read_text())
     acc = account(load_model(folder).model)
     click.echo(f"stages: {', '.join(stages)}")

@@ -97,6 +97,7 @@ def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recip
     OUT/fidelity_hist.png when --out is given. Exits 1 when a gate fails (the failed gates are listed),
     2 on bad input.
     """
+    from .. import distributed
     from ..validation import ValidateConfig, run_validation
     from ..validation.gates import GateFailed
     from ..validation.report import gate_line, markdown
@@ -112,6 +113,8 @@ def validate(reference, backends, gates, no_latency, no_memory, cache_dir, recip
     if no_memory:
         config = config.model_copy(update={"memory": None})
     report = run_validation(config, embedding=embedding)
+    if not distributed.is_main():  # under torchrun rank 0 reports and owns the exit code
+        return
     click.echo(markdown(report))
     if config.out:
         click.echo(f"wrote {config.out}/report.json, junit.xml, report.md and plots")

@@ -17,6 +17,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import distributed
 from ..models.embedding import EmbeddingConfig
 from ..models.encoder import Encoder
 from ..models.format import atomic_directory
@@ -134,5 +135,11 @@ def teacher_embeddings(loaded: LoadedModel, settings: EmbeddingConfig, queries: 
 
 def load_teacher(source: str, settings: EmbeddingConfig, queries: list, documents: list) -> TeacherEmbeddings:
     """The teacher model at ``source`` embeds the texts (cached under ``<effir cache>/teacher-embeddings``);
-    the model is released afterwards, so training holds only the student."""
-    return teacher_embeddings(load_model(source), settings, queries, documents, cache_root() / "teacher-embeddings")
+    the model is released afterwards, so training holds only the student. Under torchrun rank 0 embeds and
+    writes the cache, the other ranks then read it."""
+    if not distributed.is_main():
+        distributed.barrier()
+    table = teacher_embeddings(load_model(source), settings, queries, documents, cache_root() / "teacher-embeddings")
+    if distributed.is_main():
+        distributed.barrier()
+    return table

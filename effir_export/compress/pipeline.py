@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import distributed
 from ..errors import RecipeError
-from ..models.format import atomic_directory, write_model_files
+from ..models.format import write_model_files
 from ..models.sources import LoadedModel, load_model
 from . import StageOutput
 
@@ -63,7 +64,7 @@ def compress(recipe, stages: list[str], out: Path, model_source: str | None = No
     loaded = load_model(source)
     loaded.model.config.embedding = recipe.embedding.apply(loaded.embedding).model_dump()
     reports = {}
-    with atomic_directory(Path(out)) as tmp:
+    with distributed.written_by_main(Path(out)) as tmp:  # under torchrun every rank trains, rank 0 writes
         for name in stages:
             started = time.perf_counter()
             result = run_stage(name, loaded, recipe, tmp / "stages" / name, teacher=str(source))

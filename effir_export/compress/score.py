@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.embedding import pad_batch, tokenize_texts
 from ..models.sources import LoadedModel
 from ..paths import CALIBRATION_TEXT
@@ -69,7 +70,8 @@ class SublayerScores(BaseModel):
 
 def score_sublayers(loaded: LoadedModel, config: ScoreConfig, calibration: Path,
                     progress: bool = True) -> SublayerScores:
-    """Run calibration text through the model and score every present sublayer."""
+    """Run calibration text through the model and score every present sublayer (under torchrun the
+    batches are split over the ranks and the per-sublayer sums added up)."""
     model, adapter = loaded.model, loaded.model.adapter
     texts, data_fp = read_calibration_texts(calibration, config.samples, config.seed)
     settings = loaded.embedding.model_copy(update={"max_length": config.max_length})
@@ -89,8 +91,9 @@ def score_sublayers(loaded: LoadedModel, config: ScoreConfig, calibration: Path,
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, len(ids), config.batch_size), desc="scoring", unit="batch",
-                              disable=not progress, leave=False):
+            starts = list(range(0, len(ids), config.batch_size))
+            for start in tqdm([starts[i] for i in distributed.shard(len(starts))], desc="scoring", unit="batch",
+                              disable=not progress or not distributed.is_main(), leave=False):
                 input_ids, mask = pad_batch(ids[start:start + config.batch_size], loaded.tokenizer.pad_token_id)
                 mask_t = torch.from_numpy(mask).to(device)
                 weights = _position_weights(mask_t, settings.pooling, config.positions)
@@ -100,6 +103,8 @@ def score_sublayers(loaded: LoadedModel, config: ScoreConfig, calibration: Path,
     finally:
         for layer in model.layers:
             layer.effir_observer = None
+    distributed.all_reduce_sum_(sums)  # under torchrun each rank scored its share of the batches
+    token_count = int(distributed.all_reduce_sum_(torch.tensor(token_count, dtype=torch.int64)))
     layers = []
     for index, layer in enumerate(model.layers):
         layers.append(LayerScore(

@@ -11,6 +11,11 @@ the attention and MLP projections the adapter exposes and is merged before the m
 trainer. Batches are a pure function of (seed, step) and checkpoints hold the trainable tensors, the
 optimizer state and the RNG state (safetensors + JSON, no pickle), so a resumed run ends with the
 same weights as an uninterrupted one.
+
+Under torchrun (N ranks) every optimizer step takes N x ``accumulation`` micro-batches: rank r the
+micro-batches r, r + N, ..., gradients averaged over the ranks, so N ranks give the weights one process
+gets with ``accumulation`` x N (tested equal within float tolerance; in-batch negatives stay within a
+micro-batch). Only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import EffirError
 from ..models.embedding import EmbeddingConfig, pad_batch, tokenize_texts
 from ..models.encoder import select_device
@@ -253,10 +259,15 @@ class ContrastiveTrainer:
         """A micro-batch's candidate documents: the positives, then each pair's hard negatives."""
         return [p.positive for p in batch] + [n for p in batch for n in p.negatives[: self.config.hard_negatives]]
 
+    def micro_index(self, step: int, micro: int) -> int:
+        """The global micro-batch this rank computes as micro-batch ``micro`` of optimizer step ``step``."""
+        world = distributed.world_size()
+        return (step * self.config.accumulation + micro) * world + distributed.rank()
+
     def texts(self) -> tuple[list[str], list[str]]:
-        """Every query and document the run's micro-batches use (what the teacher must embed), in order."""
+        """Every query and document the run's micro-batches use on any rank (what the teacher must embed)."""
         queries, documents = {}, {}
-        for micro in range(self.config.steps * self.config.accumulation):
+        for micro in range(self.config.steps * self.config.accumulation * distributed.world_size()):
             batch = self.batch(micro)
             queries.update(dict.fromkeys(p.query for p in batch))
             documents.update(dict.fromkeys(self.documents(batch)))
@@ -306,18 +317,20 @@ class ContrastiveTrainer:
         extension.train()
         began = time.perf_counter()
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training", unit="step",
-                   disable=not progress)
+                   disable=not progress or not distributed.is_main())
         for step in bar:
             self._set_learning_rates(optimizer, step)
             optimizer.zero_grad(set_to_none=True)
             total, metrics = 0.0, {}
             for micro in range(config.accumulation):
                 extension.before_batch(step)
-                loss = self.micro_batch_loss(self.batch(step * config.accumulation + micro))
+                loss = self.micro_batch_loss(self.batch(self.micro_index(step, micro)))
                 penalty, metrics = extension.penalty(step)
                 objective = loss if penalty is None else loss + penalty
                 (objective / config.accumulation).backward()
                 total += float(loss.detach()) / config.accumulation
+            distributed.average_gradients(p for g in groups for p in g["params"])
+            total = float(distributed.all_reduce_sum_(torch.tensor(total, dtype=torch.float64))) / distributed.world_size()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(groups[0]["params"], config.max_grad_norm)
             optimizer.step()
@@ -349,13 +362,18 @@ class ContrastiveTrainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def _checkpoint_key(self, extension: nn.Module) -> str:
-        facts = {"config": self.config.identity(), "layers": self.model.config.layers, "pairs": len(self.pairs),
+        facts = {"config": self.config.identity(), "world_size": distributed.world_size(), "layers": self.model.config.layers, "pairs": len(self.pairs),
                  "extension": {k: list(v.shape) for k, v in extension.state_dict().items()},
                  "trainable": {k: list(v.shape) for k, v in self.trainable().items()},
                  "teacher": self.teacher.fingerprint if self.teacher is not None else None}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _save_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:
+        if distributed.is_main():
+            self._write_checkpoint(step, key, extension, optimizer, result)
+        distributed.barrier()
+
+    def _write_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.trainable().items()}
         tensors.update({f"extension.{k}": v.detach().cpu().contiguous() for k, v in extension.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .. import distributed
 from ..accounting import FLOP_SEQ_LENS
 from ..models.embedding import EmbeddingOverride, tokenize_texts
 from ..models.sources import cache_root
@@ -117,7 +118,8 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
                    embedding: EmbeddingOverride | None = None,
                    absent_backends: frozenset[str] = frozenset()) -> ValidationReport:
     """Validate ``config.backends`` against ``config.reference``; writes reports to ``config.out``
-    when set. Relative paths are taken from ``base_dir`` (default: the working directory);
+    when set. Under torchrun the ranks share the encoding; rank 0 alone measures latency and memory and
+    writes. Relative paths are taken from ``base_dir`` (default: the working directory);
     ``embedding`` (a recipe's section) overrides the embedding settings of model-loading backends;
     gates on ``absent_backends`` (optional artifacts that were not built) are skipped and listed."""
     config = config.resolved(_base(base_dir))
@@ -133,6 +135,9 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     data = slice_beir(load_beir(config.data, config.split), config.slice)
     cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root() / "embeddings"
 
+    if not distributed.is_main():  # timings, memory, gates and files are rank 0's alone
+        config = config.model_copy(update={"latency": None, "memory": None, "out": None})
+        gates = []
     with torch_threads(config.threads):
         options = BackendOptions(config.batch_size, embedding, config.threads)
         backends = build_backends(specs, options)
@@ -205,15 +210,24 @@ def _embed(backend: Backend, data: BeirData, cache_dir: Path) -> tuple[np.ndarra
         with np.load(path) as stored:
             return stored["queries"], stored["corpus"], True, 0.0, path
     start = time.perf_counter()
-    queries = backend.encoder.encode(data.query_texts, kind="query", desc=f"{backend.name} queries")
-    corpus = backend.encoder.encode(data.corpus_texts, kind="document", desc=f"{backend.name} corpus")
+    queries = encode_shards(backend, data.query_texts, "query", f"{backend.name} queries")
+    corpus = encode_shards(backend, data.corpus_texts, "document", f"{backend.name} corpus")
     seconds = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 writes the cache entry; N ranks and one share it
+        return queries, corpus, False, seconds, path
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
     with os.fdopen(handle, "wb") as out:
         np.savez(out, queries=queries, corpus=corpus)
     os.replace(tmp, path)
     return queries, corpus, False, seconds, path
+
+
+def encode_shards(backend: Backend, texts: list, kind: str, desc: str) -> np.ndarray:
+    """Embeddings of ``texts``; under torchrun each rank encodes its share and every rank gets all rows.
+    This is the function a Ray or Spark job would map over shards of a corpus."""
+    mine = distributed.shard(len(texts))
+    return distributed.gather_rows(backend.encoder.encode([texts[i] for i in mine], kind=kind, desc=desc), len(texts))
 
 
 def _result(backend: Backend, data: BeirData, queries: np.ndarray, corpus: np.ndarray, cache_hit: bool,

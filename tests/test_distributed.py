@@ -1,0 +1,185 @@
+"""Data parallelism on torch.distributed, 2 CPU processes (gloo on loopback) against 1: the same trained
+weights and losses, the same sublayer scores, the same validation figures, and only rank 0 writes; and
+the torchrun entry point from the command line."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_loaded
+from test_validation_metrics import write_beir
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[1]
+CALIBRATION = "\n".join(f"passage {i} on dense retrieval and pruning {'x ' * i}" for i in range(12))
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pairs():
+    from effir_export.compress.pairs import TrainingPair
+
+    return [TrainingPair(f"query {i} {WORDS[i % 12]}", f"passage {i} about {WORDS[(i + 3) % 12]}",
+                         (f"other {WORDS[(i + 5) % 12]}",)) for i in range(12)]
+
+
+def _train(accumulation: int, checkpoint_dir: Path):
+    from effir_export.compress.train import ContrastiveTrainer, LoraSettings, TrainConfig
+
+    loaded = tiny_loaded("llama", seed=0)
+    config = TrainConfig(data="-", steps=3, batch_size=2, accumulation=accumulation, max_length=16,
+                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8), checkpoint_every=1)
+    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, _pairs(), checkpoint_dir)
+    result = trainer.train(progress=False)
+    return {k: v.detach().clone() for k, v in trainer.finish().state_dict().items()}, result.losses
+
+
+def _score(folder: Path):
+    from effir_export.compress.score import ScoreConfig, score_sublayers
+
+    return score_sublayers(tiny_loaded("llama", seed=0), ScoreConfig(samples=12, max_length=24, batch_size=3),
+                           folder / "calibration.txt", progress=False)
+
+
+def _validate(folder: Path, cache: Path):
+    from effir_export.validation import ValidateConfig, run_validation
+
+    slim = str(folder / "slim")
+    return run_validation(ValidateConfig(reference=f"full=torch:{folder / 'full'}", backends=[f"slim=torch:{slim}"],
+                                         data=str(folder / "beir"), latency=None, memory=None, asymmetric=True,
+                                         cache_dir=str(cache), out=str(folder / f"report-{cache.name}")))
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from effir_export import distributed
+
+    assert distributed.init_from_env() and distributed.world_size() == world
+    folder = Path(folder)
+    try:
+        state, losses = _train(1, folder / "checkpoints-2")
+        scores = _score(folder)
+        report = _validate(folder, folder / "cache-2")
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "rank0.safetensors"))
+            (folder / "rank0.json").write_text(json.dumps({
+                "losses": losses, "scores": scores.model_dump(), "report": report.model_dump()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The three jobs run by 2 spawned ranks (their outputs, from rank 0) and the data they used."""
+    from effir_export.models.format import save_model
+
+    folder = tmp_path_factory.mktemp("ranks")
+    (folder / "calibration.txt").write_text(CALIBRATION)
+    full = tiny_loaded("llama", seed=0)
+    save_model(full.model, full.tokenizer, folder / "full")
+    slim = tiny_loaded("llama", seed=0)
+    for layer in list(slim.model.layers)[:1]:
+        slim.model.adapter.remove_mlp(layer)
+    save_model(slim.model, slim.tokenizer, folder / "slim")
+    corpus = {f"d{i}": ("", " ".join(WORDS[(i + k) % 12] for k in range(2 + i % 7))) for i in range(23)}
+    write_beir(folder / "beir", corpus, {f"q{i}": WORDS[i] for i in range(5)},
+               {f"q{i}": {f"d{i}": 1, f"d{i + 10}": 2} for i in range(5)})
+    mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    return folder, json.loads((folder / "rank0.json").read_text()), load_file(str(folder / "rank0.safetensors"))
+
+
+def test_two_ranks_train_the_weights_one_process_trains_with_twice_the_accumulation(two_ranks):
+    folder, outputs, state = two_ranks
+    expected, losses = _train(2, folder / "checkpoints-1")
+    assert outputs["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    changed = [k for k in expected if not torch.equal(expected[k], tiny_loaded("llama", seed=0).model.state_dict()[k])]
+    assert changed  # training moved the (merged) weights
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (folder / "checkpoints-2").iterdir()) == ["latest"]  # one writer, no temp left
+
+
+def test_two_ranks_score_the_sublayers_one_process_scores(two_ranks):
+    folder, outputs, _ = two_ranks
+    expected = _score(folder).model_dump()
+    got = outputs["scores"]
+    assert got["layers"][0]["tokens"] == expected["layers"][0]["tokens"]
+    for a, b in zip(got["layers"], expected["layers"]):
+        assert a["attention"] == pytest.approx(b["attention"], rel=1e-5)
+        assert a["mlp"] == pytest.approx(b["mlp"], rel=1e-5)
+
+
+def test_two_ranks_validate_like_one_process_and_rank_0_writes_the_cache_and_report(two_ranks):
+    folder, outputs, _ = two_ranks
+    expected = _validate(folder, folder / "cache-1").model_dump()
+    got = outputs["report"]
+    for key in ("reference", "backends"):
+        rows = [got[key]] if key == "reference" else got[key]
+        for a, b in zip(rows, [expected[key]] if key == "reference" else expected[key]):
+            assert a["retrieval"]["ndcg_at_10"] == pytest.approx(b["retrieval"]["ndcg_at_10"], abs=1e-9)
+    assert got["backends"][0]["asymmetric"]["retrieval"]["ndcg_at_10"] == pytest.approx(
+        expected["backends"][0]["asymmetric"]["retrieval"]["ndcg_at_10"], abs=1e-9)
+    assert len(list((folder / "cache-2").glob("*.npz"))) == 2 and not list((folder / "cache-2").glob("*.tmp"))
+    assert (folder / "report-cache-2" / "report.json").is_file()
+    with np.load(next((folder / "cache-2").glob("*.npz"))) as stored:  # the gathered rows, in corpus order
+        assert stored["corpus"].shape[0] == 23
+
+
+@pytest.mark.integration  # two Python processes importing torch: ~30 s on 2 cores
+def test_torchrun_runs_compress_with_two_ranks_from_the_command_line(tmp_path):
+    from effir_export.models.format import save_model
+
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    (tmp_path / "calibration.txt").write_text(CALIBRATION)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"query": p.query, "positive": p.positive})
+                                                    for p in _pairs()))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        name: tiny-ranks
+        model: {source: base}
+        embedding: {max_length: 24}
+        depth:
+          score: {calibration: calibration.txt, samples: 12, max_length: 24}
+          drop: {mlp: 1}
+        width:
+          data: pairs.jsonl
+          steps: 3
+          batch_size: 2
+          max_length: 16
+          lora: {rank: 4, alpha: 8}
+          probe: 2
+          sparsity: {target: 0.25}
+        """))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "EFFIR_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "effir_export", "compress", "--recipe", str(recipe),
+               "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("stages: depth, width") == 1  # rank 0 alone reports
+    report = json.loads((tmp_path / "out" / "compress_report.json").read_text())
+    assert report["stages"]["width"]["removed_fraction"] == pytest.approx(0.25, abs=0.05)
+    left = {p.name for p in tmp_path.iterdir()} - {"cache"}  # no rank's scratch or temp folder is left
+    assert left == {"base", "calibration.txt", "out", "pairs.jsonl", "recipe.yaml"}
