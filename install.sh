@@ -25,7 +25,7 @@ install_gptq() {
 
 # Serving with Triton: tritonclient here (the `triton` extra), and the serving environment that
 # `effir-export serve` and the server tests run tritonserver from: nvidia-pytriton (the tritonserver binary
-# with the python backend) plus numpy<2, onnxruntime and tokenizers for the generated python-backend models,
+# with the python backend) plus numpy<2, onnxruntime, openvino and tokenizers for the generated python-backend models,
 # installed with --target into $EFFIR_TRITON_ENV (numpy 2 breaks python-backend responses; this environment
 # keeps numpy 2). About 350 MB, 20 s.
 TRITON_ENV="${EFFIR_TRITON_ENV:-${EFFIR_CACHE:-$HOME/.cache/effir-export}/triton-env}"
@@ -33,7 +33,7 @@ install_serving() {
   python3 -m pip install --disable-pip-version-check -q -e ".[triton]"
   rm -rf "$TRITON_ENV.tmp" && mkdir -p "$(dirname "$TRITON_ENV")"
   python3 -m pip install --disable-pip-version-check -q --target "$TRITON_ENV.tmp" --no-warn-conflicts \
-    "numpy==1.26.4" "onnxruntime==1.32.0" "tokenizers==0.22.2"
+    "numpy==1.26.4" "onnxruntime==1.32.0" "openvino==2026.4.1" "tokenizers==0.22.2"
   python3 -m pip install --disable-pip-version-check -q --target "$TRITON_ENV.tmp" --no-warn-conflicts --no-deps "nvidia-pytriton==0.7.0"
   rm -rf "$TRITON_ENV" && mv "$TRITON_ENV.tmp" "$TRITON_ENV"
 }

@@ -58,18 +58,23 @@ def numeric_kind(runtime: str) -> str:
     return "int8" if "int8" in runtime else "bf16" if "bf16" in runtime else "fp32"
 
 
-def models_from_build(build: Path) -> tuple[Path, Path]:
-    """(full, compressed) model folders of a build: the fine-tuned reference and the last compression stage."""
+def models_from_build(build: Path) -> tuple[str, Path]:
+    """(full, compressed) models of a build: the reference (its fine-tune stage, else the model its validation
+    used as the reference, e.g. the source model) and the last compression stage."""
     def stage(name: str) -> Path | None:
         found = sorted(build.glob(f"[0-9][0-9]-{name}"))
         return found[-1] if found else None
 
-    full = stage("finetune")
     compressed = stage("width") or stage("depth")
+    full = stage("finetune")
+    report = stage("validation")
+    if full is None and report is not None and (report / "report.json").is_file():
+        spec = json.loads((report / "report.json").read_text())["reference"]["spec"]
+        full = spec.split("=", 1)[-1].split(":", 1)[-1]  # name=kind:model -> model (a folder or an alias)
     if full is None or compressed is None:
-        raise SystemExit(f"error: '{build}' has no NN-finetune and NN-width/NN-depth stage folders; "
-                         "pass --full and --compressed instead")
-    return full, compressed
+        raise SystemExit(f"error: '{build}' has no NN-finetune (or NN-validation naming its reference) and no "
+                         "NN-width/NN-depth stage folder; pass --full and --compressed instead")
+    return str(full), compressed
 
 
 def make_artifacts(name: str, model: Path, work: Path, needed: set[str], skip: list[str], samples: int) -> dict[str, str]:

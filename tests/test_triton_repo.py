@@ -129,6 +129,77 @@ def test_gpu_flavour_uses_onnxruntime_backend_tensorrt_accelerator_and_plans(tin
     assert settings["pad_to_multiple"] == 16
 
 
+@pytest.fixture(scope="module")
+def tiny_openvino(tmp_path_factory):
+    """The tiny decoder exported to ONNX and converted to OpenVINO fp32, with its PyTorch model."""
+    from effir_export.export.openvino import OpenVinoExportConfig, export_openvino
+
+    loaded = tiny_loaded("llama", query_prompt="query: ", document_prompt="passage: ", max_length=24)
+    folder = tmp_path_factory.mktemp("ov")
+    onnx_folder = export_onnx(loaded, OnnxExportConfig(), folder / "onnx")
+    return export_openvino(onnx_folder, loaded, OpenVinoExportConfig(), folder / "openvino")
+
+
+def load_encoder_model(version_dir, config_file, monkeypatch):
+    """Import the generated encoder model.py outside Triton and initialise it from its config.pbtxt
+    (only initialize/embed run here, which need nothing from triton_python_backend_utils)."""
+    from google.protobuf import json_format
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location(f"enc_{version_dir.parent.name}", version_dir / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json_format.MessageToDict(load_model_config(config_file), preserving_proto_field_name=True)
+    model.initialize({"model_config": json.dumps(config)})
+    return model
+
+
+def test_an_openvino_export_is_served_by_the_python_encoder_at_its_precision(tiny_openvino, tmp_path, monkeypatch):
+    from effir_export.runtime.openvino import OpenVinoEncoder
+
+    repo = write_triton_repository(tiny_openvino, TritonConfig(query_ensemble=True), tmp_path / "repo")
+    cfg = configs(repo)
+    assert set(cfg) == {"effir", "effir_tokenizer", "effir_encoder", "effir_query", "effir_query_tokenizer"}
+    enc = cfg["effir_encoder"]
+    assert enc.backend == "python" and all(i.allow_ragged_batch for i in enc.input)
+    assert {k: v.string_value for k, v in enc.parameters.items()} == {
+        "runtime": "openvino", "inference_precision": "f32", "intra_op_threads": "0", "output_name": "embedding"}
+    files = {p.name for p in (repo / "effir_encoder" / "1").iterdir()}
+    assert {"model.py", "model.xml", "model.bin", "effir_openvino.json", "export_check.json"} <= files
+    assert "model.onnx" not in files
+    summary = json.loads((repo / "repository.json").read_text())
+    assert (summary["runtime"], summary["precision"], summary["flavour"]) == ("openvino", "fp32", "cpu")
+    # the generated encoder merges ragged requests and returns what OpenVinoEncoder returns for each
+    encoder = load_encoder_model(repo / "effir_encoder" / "1", repo / "effir_encoder" / "config.pbtxt", monkeypatch)
+    direct = OpenVinoEncoder.from_folder(tiny_openvino)
+    tokenizer = load_tokenizer_model(repo / "effir_tokenizer" / "1", monkeypatch)
+    requests = [tokenizer.pad(tokenizer.encode(texts, ["document"] * len(texts), [""] * len(texts)))
+                for texts in (TEXTS[:2], [LONG], TEXTS[2:5])]
+    served = encoder.embed(requests)
+    for (ids, mask), got in zip(requests, served):
+        np.testing.assert_allclose(got, direct.run(ids, mask), atol=1e-5)
+        assert got.dtype == np.float32 and got.shape == (ids.shape[0], 32)
+
+
+def test_openvino_flavour_writes_nvidias_openvino_backend_config(tiny_openvino, tiny_export, tmp_path):
+    config = TritonConfig(flavour="openvino", intra_op_threads=2, max_batch_size=8)
+    repo = write_triton_repository(tiny_openvino, config, tmp_path / "repo")
+    enc = configs(repo)["effir_encoder"]
+    assert enc.backend == "openvino" and not enc.platform and enc.max_batch_size == 8
+    assert {k: v.string_value for k, v in enc.parameters.items()} == {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "2"}
+    assert [g.kind for g in enc.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    assert all(list(i.dims) == [-1] and not i.allow_ragged_batch for i in enc.input)
+    files = {p.name for p in (repo / "effir_encoder" / "1").iterdir()}
+    assert {"model.xml", "model.bin"} <= files and "model.py" not in files
+    with pytest.raises(TritonRepositoryError, match="gpu flavour cannot serve an openvino export.*--flavour cpu or openvino"):
+        write_triton_repository(tiny_openvino, TritonConfig(flavour="gpu"), tmp_path / "gpu")
+    with pytest.raises(TritonRepositoryError, match="openvino flavour cannot serve an onnx export.*pass an OpenVINO"):
+        write_triton_repository(tiny_export, TritonConfig(flavour="openvino"), tmp_path / "ov")
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "ov").exists()
+
+
 def load_tokenizer_model(version_dir, monkeypatch):
     """Import the generated model.py outside Triton. Only its initialize/encode/pad run here, which do
     not touch triton_python_backend_utils, so an empty module stands in for that import."""

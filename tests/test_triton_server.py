@@ -1,8 +1,10 @@
 """A real tritonserver (from nvidia-pytriton, run from the serving environment) on the CPU-flavour
 repository of the real MiniLM export: raw text in over HTTP and gRPC, ONNX Runtime's embeddings out,
-concurrent requests merged by the dynamic batcher, malformed requests refused cleanly."""
+concurrent requests merged by the dynamic batcher, malformed requests refused cleanly; the same for its
+OpenVINO export, and the OpenVINO flavour's configs parsed by the server."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -28,15 +30,29 @@ DOCUMENTS = TEXTS + ["Vaccines expose the immune system to an antigen so it lear
 TIMEOUT_S = 30
 
 
-@pytest.fixture(scope="module")
-def export(minilm, tmp_path_factory):
-    """MiniLM exported with query/document prompts (so the served prompts are checked too)."""
+@contextlib.contextmanager
+def prompted(minilm):
+    """MiniLM with query/document prompts (so the served prompts are checked too)."""
     original = dict(minilm.model.config.embedding)
     minilm.model.config.embedding = {**original, "query_prompt": "query: ", "document_prompt": "passage: "}
     try:
-        return export_onnx(minilm, OnnxExportConfig(), tmp_path_factory.mktemp("minilm") / "onnx")
+        yield minilm
     finally:
         minilm.model.config.embedding = original
+
+
+@pytest.fixture(scope="module")
+def export(minilm, tmp_path_factory):
+    with prompted(minilm) as model:
+        return export_onnx(model, OnnxExportConfig(), tmp_path_factory.mktemp("minilm") / "onnx")
+
+
+@pytest.fixture(scope="module")
+def openvino_export(minilm, export, tmp_path_factory):
+    from effir_export.export.openvino import OpenVinoExportConfig, export_openvino
+
+    with prompted(minilm) as model:
+        return export_openvino(export, model, OpenVinoExportConfig(), tmp_path_factory.mktemp("minilm-ov") / "ov")
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +210,41 @@ def test_bundled_server_parses_gpu_flavour_configs_and_lacks_only_their_backends
     assert "unable to find backend library for backend 'tensorrt'" in message
     assert "effir_tokenizer" not in message  # the python-backend tokenizer of the GPU flavour loaded
     assert server.process is None  # stopped and cleaned up after the failed start
+
+
+def test_an_openvino_export_serves_openvino_embeddings_on_the_bundled_server(openvino_export, tmp_path):
+    """The cpu flavour of an OpenVINO export: the python encoder hosts OpenVINO (from the serving
+    environment) and returns what OpenVinoEncoder returns on the same folder."""
+    from effir_export.runtime.openvino import OpenVinoEncoder
+
+    folder = openvino_export
+    texts = QUERIES + DOCUMENTS
+    kinds = ["query"] * len(QUERIES) + ["document"] * len(DOCUMENTS)
+    direct = OpenVinoEncoder.from_folder(folder)
+    expected = np.concatenate([direct.encode(QUERIES, "query"), direct.encode(DOCUMENTS, "document")])
+    repo = write_triton_repository(folder, TritonConfig(), tmp_path / "repo")
+    server = TritonServer(repo)
+    try:
+        server.start(timeout=120)
+        http = httpclient.InferenceServerClient(server.http_url, network_timeout=TIMEOUT_S)
+        served = http.infer("effir", text_inputs(httpclient, texts, kinds)).as_numpy("embedding")
+    finally:
+        server.stop()
+    assert served.shape == expected.shape and cosines(served, expected).min() >= 0.9999
+
+
+def test_bundled_server_parses_the_openvino_flavour_and_lacks_only_its_backend(openvino_export, tmp_path):
+    """NVIDIA's openvino backend is not in the bundled server: its strict config parsing still runs, the
+    tokenizer loads and the only failure is the missing openvino backend library."""
+    repo = write_triton_repository(openvino_export, TritonConfig(flavour="openvino"), tmp_path / "repo")
+    with pytest.raises(TritonServerError, match="openvino flavour"):
+        TritonServer(repo).start()
+    server = TritonServer(repo, require_cpu_flavour=False)
+    with pytest.raises(TritonServerError) as failure:
+        server.start(timeout=60)
+    message = str(failure.value)
+    assert "unable to find backend library for backend 'openvino'" in message
+    assert "effir_tokenizer" not in message and server.process is None
 
 
 def test_serve_command_serves_until_terminated(server, tmp_path):

@@ -15,8 +15,10 @@ def register(group: click.Group) -> None:
 @click.command()
 @click.argument("artifacts", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Repository folder to write.")
-@click.option("--flavour", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="cpu (default): python backend + ONNX Runtime, serves anywhere; gpu: onnxruntime backend on KIND_GPU.")
+@click.option("--flavour", type=click.Choice(["cpu", "gpu", "openvino"]), default=None,
+              help="cpu (default): python backend running the export's runtime (ONNX Runtime or OpenVINO), serves "
+                   "anywhere; gpu: onnxruntime backend on KIND_GPU; openvino: NVIDIA's openvino backend (OpenVINO "
+                   "exports).")
 @click.option("--name", default=None, help="Ensemble name (default effir; models <name>_tokenizer, <name>_encoder).")
 @click.option("--max-batch-size", type=int, default=None, help="Default 64.")
 @click.option("--max-queue-delay-us", type=int, default=None, help="Dynamic batching delay (default 2000).")
@@ -32,7 +34,7 @@ def register(group: click.Group) -> None:
 @click.option("--report", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Validation report, copied beside each version.")
 def triton(artifacts: str, out: str, engines: str | None, recipe: str | None, report: str | None, **options) -> None:
-    """Write a Triton model repository for the ONNX export ARTIFACTS.
+    """Write a Triton model repository for the ONNX or OpenVINO export ARTIFACTS.
 
     Settings: the recipe's `triton:` section (TritonConfig) when --recipe is given, then the options.
     Writes OUT/<name>_tokenizer (python backend: text + kind -> token ids), OUT/<name>_encoder

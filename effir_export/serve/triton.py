@@ -1,12 +1,14 @@
-"""A Triton Inference Server model repository from an ONNX export folder.
+"""A Triton Inference Server model repository from an ONNX or OpenVINO export folder.
 
 Layout (standard): ``<model>/config.pbtxt`` and ``<model>/<version>/...`` for
 
 - ``<name>_tokenizer``: python backend; raw text (BYTES) + kind (query/document) -> input_ids,
   attention_mask, with the export's prompts, EOS and max_length (``tokenizers`` on its tokenizer.json);
 - ``<name>_encoder``: input_ids, attention_mask -> embedding. CPU flavour: python backend running
-  ONNX Runtime (serves on the bundled tritonserver, which has no onnxruntime backend); GPU flavour:
-  Triton's onnxruntime backend on KIND_GPU, optionally with ONNX Runtime's TensorRT accelerator;
+  ONNX Runtime or OpenVINO, whichever the export is for (serves on the bundled tritonserver, which has
+  neither the onnxruntime nor the openvino backend); GPU flavour: Triton's onnxruntime backend on
+  KIND_GPU, optionally with ONNX Runtime's TensorRT accelerator; OpenVINO flavour: NVIDIA's openvino
+  backend (KIND_CPU) on an OpenVINO export's model.xml/model.bin;
 - ``<name>``: the ensemble tokenizer -> encoder, so clients send text and receive embeddings;
 - with ``query_ensemble: true``: ``<name>_query`` (TEXT -> query embedding, through
   ``<name>_query_tokenizer``, which serves only queries): the query encoder of an index-compatible
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +39,6 @@ from ..schema import StrictModel
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPOSITORY_META = "repository.json"
 TOKENIZER_SETTINGS = "effir_tokenizer.json"
-EXPORT_META = "effir_onnx.json"
 TOKEN_INPUTS = ["input_ids", "attention_mask"]
 KINDS = ("query", "document")
 
@@ -45,17 +47,36 @@ class TritonRepositoryError(EffirError):
     """The export folder cannot be turned into a Triton repository."""
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """An export folder kind the encoder can serve: its metadata file, graph files and runtime."""
+
+    kind: str          # artifact kind (effir_files.json)
+    meta: str
+    graph: tuple[str, ...]
+    runtime: str       # the python encoder's runtime parameter
+    flavours: tuple[str, ...]
+
+
+EXPORTS = (
+    ExportFormat("onnx", "effir_onnx.json", ("model.onnx", "model.onnx.data"), "onnxruntime", ("cpu", "gpu")),
+    ExportFormat("openvino", "effir_openvino.json", ("model.xml", "model.bin"), "openvino", ("cpu", "openvino")),
+)
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # the export's precision -> OpenVINO's type name
+
+
 class TritonConfig(StrictModel):
     """How the Triton model repository is laid out and batched.
 
     ```yaml
     triton:
       name: effir                  # ensemble name; also <name>_tokenizer, <name>_encoder
-      flavour: cpu                 # cpu: python backend + ONNX Runtime | gpu: onnxruntime backend, KIND_GPU
+      flavour: cpu                 # cpu: python backend + ONNX Runtime / OpenVINO | gpu: onnxruntime backend,
+                                   # KIND_GPU | openvino: NVIDIA's openvino backend (OpenVINO exports)
       max_batch_size: 64
       max_queue_delay_us: 2000     # dynamic batching: how long to wait to merge requests
       instances: 1                 # model instances per device
-      intra_op_threads: 0          # cpu flavour: ONNX Runtime threads per instance (0: its default)
+      intra_op_threads: 0          # cpu/openvino flavours: runtime threads per instance (0: its default)
       pad_to_multiple: 1           # pad token ids to a multiple (gpu: 8-32 lets the batcher merge lengths)
       tensorrt: false              # gpu flavour: ONNX Runtime's TensorRT accelerator
       tensorrt_precision: FP16     # FP32 | FP16
@@ -67,7 +88,7 @@ class TritonConfig(StrictModel):
     """
 
     name: str = Field("effir", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    flavour: Literal["cpu", "gpu"] = "cpu"
+    flavour: Literal["cpu", "gpu", "openvino"] = "cpu"
     max_batch_size: int = Field(64, ge=1)
     max_queue_delay_us: int = Field(2000, ge=0)
     instances: int = Field(1, ge=1)
@@ -93,13 +114,12 @@ class TritonConfig(StrictModel):
 def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: str | Path, *,
                             engines: str | Path | None = None, recipe: str | Path | None = None,
                             report: str | Path | None = None) -> Path:
-    """Write the repository for the ONNX export ``artifacts`` to ``out`` (atomically) and return it.
+    """Write the repository for the ONNX or OpenVINO export ``artifacts`` to ``out`` (atomically) and return it.
 
     ``engines``: a folder of TensorRT ``<profile>.plan`` files (gpu flavour); ``recipe`` and
     ``report`` are copied beside each model version."""
     artifacts = Path(artifacts)
-    verify_artifact(artifacts, "onnx")  # fail closed: a truncated or edited export is refused here
-    meta = read_export(artifacts)
+    export, meta = read_export(artifacts, config.flavour)
     extras = [Path(p) for p in (recipe, report) if p is not None]
     for extra in extras:
         if not extra.is_file():
@@ -111,7 +131,7 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
     with atomic_directory(Path(out)) as tmp:
         written = {
             names["tokenizer"]: write_tokenizer_model(tmp / names["tokenizer"], artifacts, meta, config, mc),
-            names["encoder"]: write_encoder_model(tmp / names["encoder"], artifacts, meta, config, mc),
+            names["encoder"]: write_encoder_model(tmp / names["encoder"], artifacts, export, meta, config, mc),
             names["ensemble"]: write_ensemble(tmp / names["ensemble"], dim, config, mc),
         }
         if config.query_ensemble:
@@ -127,6 +147,7 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
                 shutil.copy2(extra, version_dir / extra.name)
         summary = {
             "flavour": config.flavour, "config": config.model_dump(), "source": str(artifacts.resolve()),
+            "runtime": export.runtime,
             "embedding": meta["embedding"], "embedding_dim": dim, "precision": meta.get("precision"),
             "models": sorted(written), "ensemble": names["ensemble"],
             "query_ensemble": names["query_ensemble"] if config.query_ensemble else None,
@@ -139,19 +160,23 @@ def write_triton_repository(artifacts: str | Path, config: TritonConfig, out: st
     return Path(out)
 
 
-def read_export(artifacts: Path) -> dict:
-    """The export's metadata, after checking the folder has what the repository needs."""
-    if not (artifacts / EXPORT_META).is_file():
-        raise TritonRepositoryError(f"'{artifacts}' is not an ONNX export (no {EXPORT_META}); "
-                                    "create one with `effir-export export onnx`")
-    meta = json.loads((artifacts / EXPORT_META).read_text())
-    for name in ("model.onnx", "tokenizer.json"):
+def read_export(artifacts: Path, flavour: str) -> tuple[ExportFormat, dict]:
+    """The export's format and metadata, after verifying the folder (fail closed: a truncated or edited
+    export is refused) and checking it has what the repository and ``flavour`` need."""
+    export = next((e for e in EXPORTS if (artifacts / e.meta).is_file()), EXPORTS[0])  # else: refused as ONNX
+    verify_artifact(artifacts, export.kind)
+    if flavour not in export.flavours:
+        raise TritonRepositoryError(f"the {flavour} flavour cannot serve an {export.kind} export ('{artifacts}'); "
+                                    f"use --flavour {' or '.join(export.flavours)}, or pass "
+                                    f"{'an ONNX' if export.kind == 'openvino' else 'an OpenVINO'} export")
+    meta = json.loads((artifacts / export.meta).read_text())
+    for name in (export.graph[0], "tokenizer.json"):
         if not (artifacts / name).is_file():
-            raise TritonRepositoryError(f"'{artifacts}' has no {name}; re-export it with `effir-export export onnx`")
+            raise TritonRepositoryError(f"'{artifacts}' has no {name}; re-export it with `effir-export export {export.kind}`")
     if meta.get("inputs") != TOKEN_INPUTS or "embedding" not in meta.get("outputs", []):
         raise TritonRepositoryError(f"'{artifacts}': graph inputs {meta.get('inputs')} / outputs {meta.get('outputs')}, "
                                     f"expected inputs {TOKEN_INPUTS} and an 'embedding' output")
-    return meta
+    return export, meta
 
 
 def find_plans(engines: str | Path, config: TritonConfig) -> list[Path]:
@@ -235,7 +260,8 @@ def write_tokenizer_model(model_dir: Path, artifacts: Path, meta: dict, config: 
     return version
 
 
-def write_encoder_model(model_dir: Path, artifacts: Path, meta: dict, config: TritonConfig, mc) -> Path:
+def write_encoder_model(model_dir: Path, artifacts: Path, export: ExportFormat, meta: dict, config: TritonConfig,
+                        mc) -> Path:
     dim = int(meta["embedding_dim"])
     cfg = mc.ModelConfig(name=model_dir.name, max_batch_size=config.max_batch_size)
     ragged = config.flavour == "cpu"  # the python encoder re-pads merged requests itself
@@ -246,8 +272,13 @@ def write_encoder_model(model_dir: Path, artifacts: Path, meta: dict, config: Tr
     cfg.instance_group.add(kind=instance_kind(config, mc, gpu_capable=True), count=config.instances)
     if config.flavour == "cpu":
         cfg.backend = "python"
+        cfg.parameters["runtime"].string_value = export.runtime
         cfg.parameters["intra_op_threads"].string_value = str(config.intra_op_threads)
         cfg.parameters["output_name"].string_value = "embedding"
+        if export.runtime == "openvino":
+            cfg.parameters["inference_precision"].string_value = OPENVINO_PRECISIONS[meta["precision"]]
+    elif config.flavour == "openvino":
+        openvino_backend_settings(cfg, meta, config)
     else:
         cfg.backend = "onnxruntime"
         cfg.platform = "onnxruntime_onnx"
@@ -261,15 +292,28 @@ def write_encoder_model(model_dir: Path, artifacts: Path, meta: dict, config: Tr
     save_config(model_dir, cfg)
     version = model_dir / str(config.version)
     version.mkdir()
-    for name in ("model.onnx", "model.onnx.data"):
+    for name in export.graph:
         if (artifacts / name).is_file():
             link_or_copy(artifacts / name, version / name)
-    for name in (EXPORT_META, "export_check.json"):
+    for name in (export.meta, "export_check.json"):
         if (artifacts / name).is_file():
             shutil.copy2(artifacts / name, version / name)
     if config.flavour == "cpu":
         shutil.copy2(TEMPLATES / "encoder_model.py", version / "model.py")
     return version
+
+
+def openvino_backend_settings(cfg, meta: dict, config: TritonConfig) -> None:
+    """The encoder for NVIDIA's openvino backend (model.xml + model.bin in the version folder): latency
+    hint, one stream, the thread count, and bf16 only where the export asked for it."""
+    cfg.backend = "openvino"
+    parameters = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if config.intra_op_threads:
+        parameters["INFERENCE_NUM_THREADS"] = str(config.intra_op_threads)
+    if meta["precision"] == "bf16":
+        parameters["HINT_BF16"] = "YES"
+    for key, value in parameters.items():
+        cfg.parameters[key].string_value = value
 
 
 def write_ensemble(model_dir: Path, dim: int, config: TritonConfig, mc, kinds: tuple[str, ...] = KINDS) -> Path:
