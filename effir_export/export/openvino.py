@@ -85,7 +85,7 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
     onnx_folder, out_dir = Path(onnx_folder), Path(out_dir)
     require_precision(config.precision, cpu_capabilities())
     source = read_onnx_source(onnx_folder)
-    verify_artifact(onnx_folder, "onnx")  # a complete, unedited export only
+    recorded = verify_artifact(onnx_folder, "onnx")["files"]  # a complete, unedited export only
     if source["source_fingerprint"] != loaded.fingerprint():
         raise ExportError(f"'{onnx_folder}' was exported from another model (fingerprint {source['source_fingerprint']}, "
                           f"not {loaded.fingerprint()}); pass the model it was exported from")
@@ -101,9 +101,9 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
                                                    Path(calibration or config.calibration))
     with atomic_directory(out_dir) as tmp:
         ov.save_model(model, str(tmp / GRAPH_NAME), compress_to_fp16=False)
-        for path in onnx_folder.iterdir():  # the tokenizer files
-            if path.is_file() and path.name not in ONNX_FILES:
-                shutil.copy2(path, tmp / path.name)
+        for name in recorded:  # the tokenizer files (not files added after the export, e.g. a build's manifest)
+            if "/" not in name and name not in ONNX_FILES:
+                shutil.copy2(onnx_folder / name, tmp / name)
         meta = {
             "embedding": source["embedding"],
             "precision": config.precision,
