@@ -3,6 +3,7 @@ stage's importable API (compression, export, validation, Triton)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from .compress.pipeline import STAGES as COMPRESSION_STAGES
@@ -40,7 +41,8 @@ def _model_step(name: str) -> BuildStep:
         if name == "finetune":  # the fine-tuned full model is the reference retriever
             state.reference = str(folder)
 
-    return BuildStep(name=name, settings=lambda recipe: getattr(recipe, section, None), run=run, publish=publish)
+    return BuildStep(name=name, settings=lambda recipe: getattr(recipe, section, None), run=run, publish=publish,
+                     collective=True)
 
 
 def _onnx_run(state: BuildState, folder: Path) -> dict:
@@ -201,18 +203,30 @@ def build_rows(report) -> list[dict]:
 
 
 def _triton_run(state: BuildState, folder: Path) -> dict:
+    from .serve.choice import choose_export
     from .serve.triton import write_triton_repository
 
     report = state.artifacts.get("validation")
     engines = state.artifacts.get("tensorrt")
-    write_triton_repository(state.artifacts["onnx"], state.recipe.triton, folder / "repository",
+    exports = {name: path for name, path in state.artifacts.items() if name not in ("validation", "tensorrt")}
+    choice = choose_export(state.recipe.serve, exports, state.recipe.triton.flavour,
+                           report / "report.json" if report else None)
+    write_triton_repository(exports[choice.stage], state.recipe.triton, folder / "repository",
                             engines=engines / "engines" if engines and state.recipe.triton.flavour == "gpu" else None,
                             recipe=state.recipe.source_file, report=report / "report.json" if report else None)
-    return json.loads((folder / "repository" / "repository.json").read_text())
+    (folder / "serving_choice.json").write_text(choice.model_dump_json(indent=2) + "\n")
+    return {**json.loads((folder / "repository" / "repository.json").read_text()), "serving": choice.model_dump()}
 
 
 def _triton_skip(recipe: Recipe) -> str | None:
     return None if recipe.onnx is not None else "the Triton repository serves the ONNX export; add an 'onnx:' section"
+
+
+def _triton_settings(recipe: Recipe) -> dict | None:
+    """The triton stage's settings: the repository layout and which export it serves."""
+    if recipe.triton is None:
+        return None
+    return {"triton": recipe.triton.model_dump(mode="json"), "serve": recipe.serve.model_dump(mode="json")}
 
 
 def _artifact_step(name: str, settings, run, skip=lambda recipe: None) -> BuildStep:
@@ -232,6 +246,6 @@ def default_steps() -> list[BuildStep]:
         _artifact_step("openvino", lambda r: r.openvino, _openvino_run, _openvino_skip),
         _artifact_step("gptq", lambda r: r.gptq, _gptq_run, _gptq_skip),
         _artifact_step("tensorrt", lambda r: r.tensorrt, _tensorrt_run, _tensorrt_skip),
-        _artifact_step("validation", lambda r: r.validation, _validate_run),
-        _artifact_step("triton", lambda r: r.triton, _triton_run, _triton_skip),
+        replace(_artifact_step("validation", lambda r: r.validation, _validate_run), collective=True),
+        _artifact_step("triton", _triton_settings, _triton_run, _triton_skip),
     ]

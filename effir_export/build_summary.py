@@ -22,6 +22,8 @@ def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
             summary["backends"] = outcome.report["backends"]
             summary["failed_gates"] = outcome.report.get("failed_gates", [])
             summary["skipped_gates"] = outcome.report.get("skipped_gates", [])
+        if "serving" in outcome.report:
+            summary["serving"] = outcome.report["serving"]
     return summary
 
 
@@ -49,6 +51,11 @@ def format_summary(summary: dict) -> str:
             lines += ["", "nDCG@10: the backend embeds queries and documents (deploy it by re-embedding the corpus). "
                           "queries-only: it embeds the queries against the reference's document embeddings (deploy "
                           "it as the query encoder of an index the reference built)."]
+    if "serving" in summary:
+        serving = summary["serving"]
+        lines += ["", f"Triton serves: {serving['stage']}" + (f" ({serving['backend']})" if serving["backend"] else "")
+                  + f": {serving['reason']}"]
+        lines += [f"  not chosen: {c['backend']}: {c['why_not']}" for c in serving["candidates"] if not c["eligible"]]
     if "gates_passed" in summary:
         lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
         lines += [f"  failed: {g['metric']} on {g['backend']}: {_fmt(g.get('value'), '{:.4g}')} "

@@ -23,6 +23,7 @@ from .export.tensorrt import TensorRTConfig
 from .models.embedding import EmbeddingOverride
 from .paths import RECIPES_DIR
 from .schema import StrictModel
+from .serve.choice import ServeChoiceConfig
 from .serve.triton import TritonConfig
 from .validation.config import ValidateConfig
 
@@ -60,6 +61,7 @@ class Recipe(StrictModel):
     tensorrt: TensorRTConfig | None = None
     validation: ValidateConfig | None = Field(None, alias="validate")  # YAML key `validate:` (BaseModel has .validate)
     triton: TritonConfig | None = None
+    serve: ServeChoiceConfig = ServeChoiceConfig()  # which export the Triton repository serves
 
     _base_dir: Path = Path(".")
     _source_file: Path | None = None
