@@ -3,8 +3,9 @@
 is a no-op in a single process, so the stages call them unconditionally.
 
 Ranks split work by index (rank r takes items r, r + N, r + 2N, ...), reduce sums with ``all_reduce``
-and gather shards with ``all_gather_object``; only rank 0 writes files. CPU runs use the gloo backend,
-CUDA runs NCCL (one device per rank: ``LOCAL_RANK``)."""
+and gather shards with ``all_gather_object``; only rank 0 writes files, and decisions that depend on
+files or the machine (a cache hit, a skipped stage) are rank 0's, broadcast (:func:`run_on_main`). CPU
+runs use the gloo backend, CUDA runs NCCL (one device per rank: ``LOCAL_RANK``)."""
 from __future__ import annotations
 
 import os
@@ -12,12 +13,15 @@ import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import EffirError
+
+T = TypeVar("T")
 TIMEOUT = timedelta(hours=2)  # a rank waiting for rank 0's export or write (7B checkpoints take a while)
 
 
@@ -52,6 +56,45 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RankZeroError(EffirError):
+    """Raised on the other ranks when work that rank 0 alone did failed (its message and exit code)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_on_main(work: Callable[[], T]) -> T:
+    """``work()`` on rank 0 alone, its result on every rank; when it raises, every rank raises (rank 0 the
+    original exception, the others a :class:`RankZeroError` with its message), so no rank waits for a
+    result that never comes."""
+    if not active():
+        return work()
+    outcome: tuple = (True, None)
+    failure: BaseException | None = None
+    if is_main():
+        try:
+            outcome = (True, work())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            failure = exc
+            outcome = (False, (str(exc), getattr(exc, "exit_code", 3)))
+    ok, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise RankZeroError(*value)
+    return value
 
 
 def shard(count: int) -> list[int]:
@@ -102,3 +145,24 @@ def written_by_main(target: Path) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix=f"effir-rank{rank()}-") as tmp:
             yield Path(tmp)
     barrier()
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``python -m effir_export ARGS`` as ``nproc`` ranks on this machine through torchrun's own
+    launcher (``torch.distributed.run``, standalone rendezvous on loopback, no restarts); returns the
+    exit code of the first rank that failed, 0 when all succeed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if active() or "TORCHELASTIC_RUN_ID" in os.environ:
+        raise EffirError("--nproc starts torchrun, and this process already runs under it; drop --nproc")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise EffirError(f"--nproc {nproc} needs one GPU per rank and {torch.cuda.device_count()} are visible; "
+                         f"pass --nproc {torch.cuda.device_count()} or fewer")
+    options = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+                                            "-m", "effir_export", *args])
+    try:
+        run(options)
+    except ChildFailedError as exc:
+        return exc.get_first_failure()[1].exitcode or 1
+    return 0

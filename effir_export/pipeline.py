@@ -6,6 +6,7 @@ key hashes its own settings and the *output* of the stage before it: rerunning w
 redoes nothing; editing one stage's settings redoes that stage and those after it (a later stage is
 kept when the rerun stage's output turns out identical). Stages that cannot run here (no GPU, no
 TensorRT, no GPTQ environment) are skipped with the reason printed and recorded, never silently.
+Under torchrun the ranks train, score and encode together; rank 0 alone exports and writes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, distributed
 from .compress.drop import check_drops
 from .errors import EffirError
 from .hashing import folder_hash, hash_files
@@ -51,7 +52,8 @@ class BuildStep:
 
     ``run(state, folder)`` writes the stage's outputs into ``folder`` and returns its report;
     ``publish(state, folder)`` records the outputs in ``state`` (also on a cache hit);
-    ``skip_reason(recipe)`` says why the stage cannot run here (None: it can).
+    ``skip_reason(recipe)`` says why the stage cannot run here (None: it can);
+    ``collective``: under torchrun every rank runs it (training, scoring, encoding), else rank 0 alone.
     """
 
     name: str
@@ -59,6 +61,7 @@ class BuildStep:
     run: Callable[[BuildState, Path], dict]
     publish: Callable[[BuildState, Path], None]
     skip_reason: Callable[[Recipe], str | None] = lambda recipe: None
+    collective: bool = False
 
 
 @dataclass
@@ -133,59 +136,96 @@ def remove_stale_temporaries(out: Path) -> None:
 def run_build(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str] = frozenset(),
               echo: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run ``steps`` in order under ``out``; returns one outcome per step. A build that fails before its
-    first stage is written leaves no ``out`` folder behind."""
+    first stage is written leaves no ``out`` folder behind.
+
+    Under torchrun every rank calls this: rank 0 decides each stage (skipped, cached or run) and tells
+    the others; a ``collective`` stage runs on every rank (rank 0 writes its folder), any other stage
+    on rank 0 alone while the rest wait. Every rank ends with the same outcomes."""
     out = Path(out).resolve()  # stages hand folders to each other; a relative one would move with the reader
-    created = make_folders(out)
+    created = make_folders(out) if distributed.is_main() else []
     try:
-        return _run_steps(recipe, out, steps, force, echo)
+        return _run_steps(recipe, out, steps, force, echo if distributed.is_main() else lambda line: None)
     except BaseException:
         remove_empty(created)
         raise
 
 
-def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str],
-               echo: Callable[[str], None]) -> list[StageOutcome]:
+def _source_key(recipe: Recipe, out: Path) -> str:
+    """Check the recipe's inputs, clear a killed build's temp folders; the key of the source model."""
     check_inputs(recipe)
     remove_stale_temporaries(out)
     source = load_model(recipe.model.source)
     if recipe.depth is not None:  # fail now, not after the stages before depth (structure is fixed until then)
         check_drops(recipe.depth.drop, source.model)
-    upstream = stage_key("source", {"model": recipe.model.model_dump(), "fingerprint": source.fingerprint()}, "")
-    del source
+    return stage_key("source", {"model": recipe.model.model_dump(), "fingerprint": source.fingerprint()}, "")
+
+
+def _decide(step: BuildStep, recipe: Recipe, folder: Path, key: str, force: set[str]) -> tuple[str, object]:
+    """("skipped", reason), ("cached", manifest) or ("run", None) for one stage."""
+    reason = step.skip_reason(recipe)
+    if reason:
+        return "skipped", reason
+    manifest = read_manifest(folder)
+    if manifest and manifest["key"] == key and step.name not in force:
+        return "cached", manifest
+    return "run", None
+
+
+def _write_stage(step: BuildStep, state: BuildState, tmp: Path, key: str, upstream: str, started: float,
+                 report: dict) -> dict:
+    """Write the manifest of a stage run into its temp folder ``tmp`` (last, so it marks completion)."""
+    settings = step.settings(state.recipe)
+    manifest = {
+        "stage": step.name, "key": key, "upstream": upstream, "output_hash": folder_hash(tmp, exclude={MANIFEST}),
+        "settings": settings.model_dump(mode="json") if hasattr(settings, "model_dump") else settings,
+        "versions": versions(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 2), "report": report}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return json.loads(json.dumps(manifest, default=str))
+
+
+def _build_stage(step: BuildStep, state: BuildState, folder: Path, key: str, upstream: str) -> dict:
+    """Run one stage into ``folder`` (atomically); returns its manifest (on every rank)."""
+    started = time.perf_counter()
+    if step.collective:
+        manifest = None
+        with distributed.written_by_main(folder) as tmp:
+            report = step.run(state, tmp)
+            if distributed.is_main():
+                manifest = _write_stage(step, state, tmp, key, upstream, started, report)
+        return distributed.broadcast_object(manifest)
+
+    def on_main() -> dict:
+        with atomic_directory(folder) as tmp:
+            return _write_stage(step, state, tmp, key, upstream, started, step.run(state, tmp))
+
+    return distributed.run_on_main(on_main)
+
+
+def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str],
+               echo: Callable[[str], None]) -> list[StageOutcome]:
+    upstream = distributed.run_on_main(lambda: _source_key(recipe, out))
     state = BuildState(recipe=recipe, model=recipe.model.source, reference=recipe.model.source)
     outcomes: list[StageOutcome] = []
     active = [s for s in steps if s.settings(recipe) is not None]
     for number, step in enumerate(active, 1):
         folder = out / f"{number:02d}-{step.name}"
-        settings = step.settings(recipe)
-        key = stage_key(step.name, settings, upstream, recipe.resolve_path("."))
-        reason = step.skip_reason(recipe)
-        if reason:
-            echo(f"[{number}/{len(active)}] {step.name:<10} skipped: {reason}")
-            outcomes.append(StageOutcome(step.name, "skipped", None, reason=reason))
+        key = stage_key(step.name, step.settings(recipe), upstream, recipe.resolve_path("."))
+        status, detail = distributed.run_on_main(lambda: _decide(step, recipe, folder, key, force))
+        if status == "skipped":
+            echo(f"[{number}/{len(active)}] {step.name:<10} skipped: {detail}")
+            outcomes.append(StageOutcome(step.name, "skipped", None, reason=detail))
             continue
-        manifest = read_manifest(folder)
-        if manifest and manifest["key"] == key and step.name not in force:
+        if status == "cached":
             echo(f"[{number}/{len(active)}] {step.name:<10} cached ({folder.name})")
-            step.publish(state, folder)
-            state.reports[step.name] = manifest["report"]
-            outcomes.append(StageOutcome(step.name, "cached", folder, manifest["seconds"], report=manifest["report"]))
-            upstream = manifest["output_hash"]
-            continue
-        echo(f"[{number}/{len(active)}] {step.name:<10} running ...")
-        started = time.perf_counter()
-        with atomic_directory(folder) as tmp:
-            report = step.run(state, tmp)
-            seconds = round(time.perf_counter() - started, 2)
-            output_hash = folder_hash(tmp, exclude={MANIFEST})
-            (tmp / MANIFEST).write_text(json.dumps({
-                "stage": step.name, "key": key, "upstream": upstream, "output_hash": output_hash,
-                "settings": settings.model_dump(mode="json") if hasattr(settings, "model_dump") else settings,
-                "versions": versions(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": seconds, "report": report}, indent=2, default=str))
+            manifest = detail
+        else:
+            echo(f"[{number}/{len(active)}] {step.name:<10} running ...")
+            manifest = _build_stage(step, state, folder, key, upstream)
+            echo(f"[{number}/{len(active)}] {step.name:<10} built in {manifest['seconds']:.1f} s")
         step.publish(state, folder)
-        state.reports[step.name] = report
-        echo(f"[{number}/{len(active)}] {step.name:<10} built in {seconds:.1f} s")
-        outcomes.append(StageOutcome(step.name, "built", folder, seconds, report=report))
-        upstream = output_hash
+        state.reports[step.name] = manifest["report"]
+        outcomes.append(StageOutcome(step.name, status if status == "cached" else "built", folder,
+                                     manifest["seconds"], report=manifest["report"]))
+        upstream = manifest["output_hash"]
     return outcomes

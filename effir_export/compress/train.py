@@ -386,16 +386,10 @@ class ContrastiveTrainer:
             (tmp / "state.json").write_text(json.dumps(meta))
 
     def _load_checkpoint(self, key: str, extension: nn.Module, optimizer, result: TrainResult) -> int:
-        folder = self.checkpoint_dir / "latest"
-        for stale in self.checkpoint_dir.glob(".latest.*-*"):  # left by a save that was killed mid-way
-            shutil.rmtree(stale, ignore_errors=True)
-        if not (folder / "state.json").is_file():
+        found = distributed.run_on_main(lambda: self._read_checkpoint(key))  # every rank resumes from rank 0's
+        if found is None:
             return 0
-        meta = json.loads((folder / "state.json").read_text())
-        if meta["key"] != key:
-            raise CheckpointError(f"checkpoint {folder} was made by a different run (config, data or model differ); "
-                                  f"delete it or set resume: false")
-        tensors = load_file(str(folder / "state.safetensors"))
+        meta, tensors = found
         with torch.no_grad():
             for name, parameter in self.trainable().items():
                 parameter.copy_(tensors[f"model.{name}"])
@@ -406,6 +400,19 @@ class ContrastiveTrainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         result.losses = list(meta["losses"])
         return int(meta["step"])
+
+    def _read_checkpoint(self, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The latest checkpoint's metadata and tensors (None when there is none); refuses another run's."""
+        folder = self.checkpoint_dir / "latest"
+        for stale in self.checkpoint_dir.glob(".latest.*-*"):  # left by a save that was killed mid-way
+            shutil.rmtree(stale, ignore_errors=True)
+        if not (folder / "state.json").is_file():
+            return None
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["key"] != key:
+            raise CheckpointError(f"checkpoint {folder} was made by a different run (config, data or model differ); "
+                                  f"delete it or set resume: false")
+        return meta, load_file(str(folder / "state.safetensors"))
 
 
 def _flatten(value, path: str, tensors: dict[str, torch.Tensor]):

