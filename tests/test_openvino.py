@@ -194,3 +194,24 @@ def test_smollm2_cpu_backends_match_torch(smollm2, tmp_path):
         backend = build_backend(f"{'openvino' if name.startswith('ov') else 'onnx'}:{folder}")
         got = backend.encoder.encode(TEXTS, batch_size=3)
         assert float(np.sum(reference * got, axis=1).min()) >= floor, name
+
+
+def test_kernel_profile_attributes_node_time_to_sublayers(tiny, tmp_path):
+    """bench/profile_kernels.py: OpenVINO's per-node counters, summed per sublayer, cover the batch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from profile_kernels import explain, profile, sublayer_of
+
+    loaded, onnx_folder = tiny
+    folder = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(), tmp_path / "ov")
+    result = profile(folder, TEXTS, threads=1, repeats=2)
+    layers = len(loaded.model.config.layers)
+    assert set(result["by_sublayer"]) == {"outside", *(f"{g}.{i}" for g in ("attention", "mlp") for i in range(layers))}
+    assert result["total_ms"] == pytest.approx(sum(result["by_sublayer"].values()))
+    assert all(ms > 0 for ms in result["by_sublayer"].values())
+    assert sublayer_of("/model/backbone/layers.12/self_attn/o_proj/MatMul") == "attention.12"
+    assert sublayer_of("/model/backbone/embed_tokens/Gather") == "outside"
+    same = explain(result, result)
+    assert same["dropped_sublayers"] == [] and same["speedup_if_only_dropped_time_went"] == pytest.approx(1.0)

@@ -42,8 +42,10 @@ def require_precision(precision: InferencePrecision, capabilities: list[str]) ->
                             f"use --precision fp32 here, or run on a CPU with AVX512_BF16 or AMX")
 
 
-def compile_model(model, precision: InferencePrecision, threads: int | None = None, core=None):
-    """Compile ``model`` (an ``ov.Model`` or a path to ``model.xml``) for the CPU at ``precision``."""
+def compile_model(model, precision: InferencePrecision, threads: int | None = None, core=None,
+                  perf_count: bool = False):
+    """Compile ``model`` (an ``ov.Model`` or a path to ``model.xml``) for the CPU at ``precision``;
+    ``perf_count`` turns on OpenVINO's per-node performance counters (``request.profiling_info``)."""
     import openvino as ov
 
     core = core or ov.Core()
@@ -51,6 +53,8 @@ def compile_model(model, precision: InferencePrecision, threads: int | None = No
     config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
+    if perf_count:
+        config["PERF_COUNT"] = True
     compiled = core.compile_model(model if not isinstance(model, Path) else str(model), "CPU", config)
     got = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     if got != str(ov.Type.f32 if precision == "fp32" else ov.Type.bf16):
