@@ -135,14 +135,17 @@ def gather_rows(local: np.ndarray, count: int) -> np.ndarray:
 @contextmanager
 def written_by_main(target: Path) -> Iterator[Path]:
     """A folder to write ``target``'s files into: on rank 0 the atomic temp folder that replaces ``target``,
-    on the other ranks a scratch folder that is removed. Every rank leaves after rank 0 has renamed it."""
+    on the other ranks a scratch folder that is removed, named like rank 0's temp folder and beside it
+    when the parent exists (so a rerun clears what a killed rank left). Every rank leaves after rank 0
+    has renamed it."""
     from .models.format import atomic_directory
 
     if is_main():
         with atomic_directory(target) as tmp:
             yield tmp
     else:
-        with tempfile.TemporaryDirectory(prefix=f"effir-rank{rank()}-") as tmp:
+        parent = target.parent if target.parent.is_dir() else None
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.tmp-rank{rank()}-", dir=parent) as tmp:
             yield Path(tmp)
     barrier()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def run(ws: Path, command: list[str]) -> subprocess.CompletedProcess:
 
 def own_scratch(ws: Path) -> list[str]:
     """Folders this package left in the scratch TMPDIR (torch's own caches aside)."""
-    return [p.name for p in (ws / "scratch").iterdir() if p.name.startswith("effir")]
+    return [p.name for p in (ws / "scratch").iterdir() if ".tmp-" in p.name or p.name.startswith("effir")]
 
 
 def ndcg(build: Path) -> dict[str, float]:
@@ -116,3 +117,62 @@ def test_a_two_rank_build_equals_one_process_with_twice_the_accumulation_and_ran
     assert [line.split()[-1] for line in lines if "cached" in line] == ["(01-finetune)", "(03-onnx)", "(04-validation)"]
     assert sum("depth      built" in line for line in lines) == 1  # one rank reports; identical output keeps ONNX
     assert rerun.stdout.count("## build: ranks") == 1
+
+
+def rank_process(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> psutil.Process:
+    """The worker process torchrun started for ``rank``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun started no rank {rank}")
+
+
+def wait_for(path: Path, launcher: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert launcher.poll() is None, f"the build ended before {path.name} appeared: {launcher.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow  # three 2-rank builds of a 40-step fine-tune: ~60 s on 2 cores
+def test_a_rank_killed_mid_training_fails_the_job_in_bounded_time_and_the_rerun_resumes_to_the_same_output(tmp_path):
+    ws = tmp_path
+    write_workspace(ws)
+    recipe = write_recipe(ws, "killed", steps=40)
+    run(ws, torchrun(ws, recipe, "build"))
+    (ws / "build").rename(ws / "reference")  # the killed build writes to the same path (paths are recorded)
+    shutil.rmtree(ws / "checkpoints-killed")
+
+    launcher = subprocess.Popen(torchrun(ws, recipe, "build"), cwd=ws, env=environment(ws), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        victim = rank_process(launcher, 1)
+        wait_for(ws / "checkpoints-killed" / "latest", launcher)  # after the first checkpoint
+        killed_at = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        code = launcher.wait(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert code != 0 and elapsed < 60, (code, elapsed)
+    assert not psutil.Process().children(recursive=True)  # no rank outlived the job
+    assert not (ws / "build" / "01-finetune").exists()  # no partial stage folder (temp ones: the rerun clears them)
+
+    run(ws, torchrun(ws, recipe, "build"))
+    manifests = {b: {s: json.loads((ws / b / s / "manifest.json").read_text()) for s in BUILT}
+                 for b in ("build", "reference")}
+    assert manifests["build"]["01-finetune"]["report"]["training"]["resumed_from"] > 0
+    for stage in BUILT[:2]:  # the models, hashed (the ONNX check and the validation report hold timings)
+        assert manifests["build"][stage]["output_hash"] == manifests["reference"][stage]["output_hash"], stage
+    assert (ws / "build" / "03-onnx" / "model.onnx").read_bytes() == (ws / "reference/03-onnx/model.onnx").read_bytes()
+    assert ndcg(ws / "build") == ndcg(ws / "reference")
+    assert not list(ws.rglob(".*.tmp-*")) and not own_scratch(ws)
