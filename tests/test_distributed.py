@@ -33,20 +33,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pairs():
+def _pairs(ragged: bool = False):
+    """Twelve pairs with a hard negative each (``ragged``: every third pair has none)."""
     from effir_export.compress.pairs import TrainingPair
 
     return [TrainingPair(f"query {i} {WORDS[i % 12]}", f"passage {i} about {WORDS[(i + 3) % 12]}",
-                         (f"other {WORDS[(i + 5) % 12]}",)) for i in range(12)]
+                         () if ragged and i % 3 == 0 else (f"other {WORDS[(i + 5) % 12]}",)) for i in range(12)]
 
 
-def _train(accumulation: int, checkpoint_dir: Path):
+def _train(accumulation: int, checkpoint_dir: Path, batch_size: int = 2, gather: bool = False):
     from effir_export.compress.train import ContrastiveTrainer, LoraSettings, TrainConfig
 
     loaded = tiny_loaded("llama", seed=0)
-    config = TrainConfig(data="-", steps=3, batch_size=2, accumulation=accumulation, max_length=16,
-                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8), checkpoint_every=1)
-    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, _pairs(), checkpoint_dir)
+    config = TrainConfig(data="-", steps=3, batch_size=batch_size, accumulation=accumulation, max_length=16,
+                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8), checkpoint_every=1,
+                         gather_negatives=gather)
+    trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, _pairs(ragged=gather),
+                                 checkpoint_dir)
     result = trainer.train(progress=False)
     return {k: v.detach().clone() for k, v in trainer.finish().state_dict().items()}, result.losses
 
@@ -79,12 +82,15 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     folder = Path(folder)
     try:
         state, losses = _train(1, folder / "checkpoints-2")
+        gathered, gathered_losses = _train(1, folder / "checkpoints-gather-2", gather=True)
         scores = _score(folder)
         report = _validate(folder, folder / "cache-2")
         if rank == 0:
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "rank0.safetensors"))
+            save_file({k: v.contiguous() for k, v in gathered.items()}, str(folder / "rank0-gathered.safetensors"))
             (folder / "rank0.json").write_text(json.dumps({
-                "losses": losses, "scores": scores.model_dump(), "report": report.model_dump()}))
+                "losses": losses, "gathered_losses": gathered_losses, "scores": scores.model_dump(),
+                "report": report.model_dump()}))
     finally:
         dist.destroy_process_group()
 
@@ -118,6 +124,23 @@ def test_two_ranks_train_the_weights_one_process_trains_with_twice_the_accumulat
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in (folder / "checkpoints-2").iterdir()) == ["latest"]  # one writer, no temp left
+
+
+def test_two_ranks_gathering_negatives_train_as_one_process_with_the_concatenated_batch(two_ranks):
+    folder, outputs, _ = two_ranks
+    expected, losses = _train(1, folder / "checkpoints-gather-1", batch_size=4, gather=True)  # one process: no-op
+    assert outputs["gathered_losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert outputs["gathered_losses"][0] != pytest.approx(outputs["losses"][0], rel=1e-3)  # not the local loss
+    state = load_file(str(folder / "rank0-gathered.safetensors"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_gathering_negatives_needs_an_info_nce_term():
+    from effir_export.compress.train import TrainConfig
+
+    with pytest.raises(ValueError, match="gather_negatives widens InfoNCE"):
+        TrainConfig(data="-", objective="distill", gather_negatives=True)
 
 
 def test_two_ranks_score_the_sublayers_one_process_scores(two_ranks):

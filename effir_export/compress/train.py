@@ -14,8 +14,11 @@ same weights as an uninterrupted one.
 
 Under torchrun (N ranks) every optimizer step takes N x ``accumulation`` micro-batches: rank r the
 micro-batches r, r + N, ..., gradients averaged over the ranks, so N ranks give the weights one process
-gets with ``accumulation`` x N (tested equal within float tolerance; in-batch negatives stay within a
-micro-batch). Only rank 0 writes checkpoints.
+gets with ``accumulation`` x N (tested equal within float tolerance). In-batch negatives stay within a
+micro-batch, unless ``gather_negatives: true``: then each query's InfoNCE candidates are the positives
+and hard negatives of every rank's micro-batch, gathered with the differentiable
+``torch.distributed.nn.functional.all_gather``, so N ranks with ``batch_size`` B train as one process
+with ``batch_size`` N x B. Only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -74,6 +77,7 @@ class TrainConfig(StrictModel):
     batch_size: 8              # queries per micro-batch (in-batch negatives come from it)
     accumulation: 1            # micro-batches per optimizer step
     hard_negatives: 1          # negatives per query from the data (0 = in-batch only)
+    gather_negatives: false    # torchrun: InfoNCE candidates from every rank's micro-batch (= batch_size x N)
     objective: contrastive     # contrastive | distill | mixed (distill + distill.contrastive_weight x InfoNCE)
     distill: {embedding_loss: cosine, embedding_weight: 1.0, kl_weight: 1.0, kl_temperature: 0.05,
               contrastive_weight: 0.1}   # the teacher is the build's reference (the uncompressed model)
@@ -102,6 +106,7 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     accumulation: int = Field(1, ge=1)
     hard_negatives: int = Field(1, ge=0)
+    gather_negatives: bool = False
     objective: Literal["contrastive", "distill", "mixed"] = "contrastive"
     distill: DistillSettings = DistillSettings()
     temperature: float = Field(0.02, gt=0.0)
@@ -119,6 +124,13 @@ class TrainConfig(StrictModel):
     checkpoint_dir: str | None = None
     resume: bool = True
     probe: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _gathering_needs_info_nce(self) -> "TrainConfig":
+        if self.gather_negatives and self.objective == "distill":
+            raise ValueError("gather_negatives widens InfoNCE's negatives and objective 'distill' has no InfoNCE "
+                             "term; use objective: contrastive or mixed, or gather_negatives: false")
+        return self
 
     def identity(self) -> dict:
         """The settings that change the result (checkpoint bookkeeping excluded)."""
@@ -162,13 +174,13 @@ class TrainingExtension(nn.Module):
 
 
 def info_nce(queries: torch.Tensor, documents: torch.Tensor, temperature: float,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE: query i's positive is document i; every other document (other positives in the batch,
-    hard negatives) is a negative unless ``mask[i, j]`` is True."""
+             mask: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+    """InfoNCE: query i's positive is document ``first`` + i; every other document (other positives in the
+    batch, hard negatives) is a negative unless ``mask[i, j]`` is True."""
     logits = queries.float() @ documents.float().T / temperature
     if mask is not None:
         logits = logits.masked_fill(mask, float("-inf"))
-    return nn.functional.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
+    return nn.functional.cross_entropy(logits, torch.arange(first, first + len(queries), device=logits.device))
 
 
 def false_negative_mask(batch: list[TrainingPair], documents: list[str]) -> torch.Tensor:
@@ -273,8 +285,15 @@ class ContrastiveTrainer:
             documents.update(dict.fromkeys(self.documents(batch)))
         return list(queries), list(documents)
 
-    def micro_batch_loss(self, batch: list[TrainingPair]) -> torch.Tensor:
-        """The objective on one micro-batch: InfoNCE, the distillation loss, or both."""
+    def rank_batches(self, micro_index: int) -> list[list[TrainingPair]]:
+        """Every rank's micro-batch in the optimizer step where this rank computes ``micro_index``."""
+        first = micro_index - distributed.rank()
+        return [self.batch(first + r) for r in range(distributed.world_size())]
+
+    def micro_batch_loss(self, batch: list[TrainingPair],
+                         peers: list[list[TrainingPair]] | None = None) -> torch.Tensor:
+        """The objective on one micro-batch: InfoNCE, the distillation loss, or both. With ``peers`` (every
+        rank's micro-batch, :meth:`rank_batches`) InfoNCE's candidates are gathered from all ranks."""
         config = self.config
         documents = self.documents(batch)
         query_texts = [p.query for p in batch]
@@ -282,19 +301,40 @@ class ContrastiveTrainer:
             queries = self._encode(query_texts, "query")
             docs = self._encode(documents, "document")
         if config.objective == "contrastive":
-            return self._info_nce(batch, documents, queries, docs)
+            return self._info_nce(batch, documents, queries, docs, peers)
         if self.teacher is None:
             raise EffirError(f"objective '{config.objective}' needs the teacher's embeddings; set trainer.teacher "
                              "(the training stages do it from the build's reference)")
         loss = distill_loss(queries, docs, self.teacher.lookup(query_texts, "query", self.device),
                             self.teacher.lookup(documents, "document", self.device), config.distill)
         if config.objective == "mixed":
-            loss = loss + config.distill.contrastive_weight * self._info_nce(batch, documents, queries, docs)
+            loss = loss + config.distill.contrastive_weight * self._info_nce(batch, documents, queries, docs, peers)
         return loss
 
     def _info_nce(self, batch: list[TrainingPair], documents: list[str], queries: torch.Tensor,
-                  docs: torch.Tensor) -> torch.Tensor:
-        return info_nce(queries, docs, self.config.temperature, false_negative_mask(batch, documents).to(self.device))
+                  docs: torch.Tensor, peers: list[list[TrainingPair]] | None) -> torch.Tensor:
+        if peers is None:
+            return info_nce(queries, docs, self.config.temperature,
+                            false_negative_mask(batch, documents).to(self.device))
+        return self._gathered_info_nce(peers, queries, docs)
+
+    def _gathered_info_nce(self, peers: list[list[TrainingPair]], queries: torch.Tensor,
+                           docs: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of this rank's queries against every rank's candidates, ordered as one process orders the
+        concatenated batch (all positives, then all hard negatives); the mean over the ranks is that
+        process's loss, and gradients flow back to the rank that embedded each candidate."""
+        from torch.distributed.nn.functional import all_gather
+
+        counts = [len(self.documents(b)) for b in peers]
+        padded = nn.functional.pad(docs, (0, 0, 0, max(counts) - len(docs)))  # all_gather needs equal shapes
+        gathered = all_gather(padded)
+        sizes = [len(b) for b in peers]
+        candidates = torch.cat([g[:n] for g, n in zip(gathered, sizes)]
+                               + [g[n:c] for g, n, c in zip(gathered, sizes, counts)])
+        merged = [pair for b in peers for pair in b]
+        first = sum(sizes[: distributed.rank()])
+        mask = false_negative_mask(merged, self.documents(merged))[first: first + len(queries)]
+        return info_nce(queries, candidates, self.config.temperature, mask.to(self.device), first)
 
     # --- training ------------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -324,7 +364,9 @@ class ContrastiveTrainer:
             total, metrics = 0.0, {}
             for micro in range(config.accumulation):
                 extension.before_batch(step)
-                loss = self.micro_batch_loss(self.batch(self.micro_index(step, micro)))
+                index = self.micro_index(step, micro)
+                peers = self.rank_batches(index) if config.gather_negatives and distributed.active() else None
+                loss = self.micro_batch_loss(self.batch(index), peers)
                 penalty, metrics = extension.penalty(step)
                 objective = loss if penalty is None else loss + penalty
                 (objective / config.accumulation).backward()
