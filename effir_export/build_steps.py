@@ -77,13 +77,24 @@ def _openvino_skip(recipe: Recipe) -> str | None:
         return "OpenVINO converts the build's ONNX export; add an 'onnx:' section"
     if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
         return "OpenVINO/NNCF are not installed (pip install -e '.[openvino]')"
-    from .runtime.openvino import OpenVinoError, cpu_capabilities, require_precision
+    from .runtime.openvino import OpenVinoError, cpu_capabilities, resolve_precision
 
     try:
-        require_precision(recipe.openvino.precision, cpu_capabilities())
+        resolve_precision(recipe.openvino.precision, cpu_capabilities())
     except OpenVinoError as exc:
         return str(exc)
     return None
+
+
+def _openvino_settings(recipe: Recipe):
+    """The openvino stage's settings, with ``precision: auto`` resolved for this CPU (so a build folder
+    moved to a CPU with other instructions redoes the stage instead of reusing it)."""
+    config = recipe.openvino
+    if config is None or config.precision != "auto" or _openvino_skip(recipe) is not None:
+        return config
+    from .runtime.openvino import cpu_capabilities, resolve_precision
+
+    return config.model_copy(update={"precision": resolve_precision("auto", cpu_capabilities())})
 
 
 def _int4_run(state: BuildState, folder: Path) -> dict:
@@ -243,7 +254,7 @@ def default_steps() -> list[BuildStep]:
         _artifact_step("onnx", lambda r: r.onnx, _onnx_run),
         _artifact_step("onnx-int4", lambda r: r.onnx.int4 if r.onnx else None, _int4_run),
         _artifact_step("onnx-int8", lambda r: r.onnx.int8 if r.onnx else None, _int8_run),
-        _artifact_step("openvino", lambda r: r.openvino, _openvino_run, _openvino_skip),
+        _artifact_step("openvino", _openvino_settings, _openvino_run, _openvino_skip),
         _artifact_step("gptq", lambda r: r.gptq, _gptq_run, _gptq_skip),
         _artifact_step("tensorrt", lambda r: r.tensorrt, _tensorrt_run, _tensorrt_skip),
         replace(_artifact_step("validation", lambda r: r.validation, _validate_run), collective=True),

@@ -22,7 +22,8 @@ from effir_export.export.openvino import OpenVinoExportConfig, export_openvino
 from effir_export.export.ort_int8 import OrtInt8Config
 from effir_export.models.encoder import Encoder
 from effir_export.models.format import save_model
-from effir_export.runtime.openvino import OpenVinoEncoder, OpenVinoError, cpu_capabilities, require_precision
+from effir_export.runtime.openvino import (OpenVinoEncoder, OpenVinoError, cpu_capabilities, require_precision,
+                                          resolve_precision)
 from effir_export.validation.backends import build_backend
 
 HAS_BF16 = "BF16" in cpu_capabilities()
@@ -107,6 +108,18 @@ def test_bf16_needs_the_cpu_capability():
     require_precision("bf16", ["FP32", "BF16", "INT8"])
     with pytest.raises(OpenVinoError, match="no bf16 support .*FP32, INT8.*--precision fp32"):
         require_precision("bf16", ["FP32", "INT8"])
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it_and_the_export_records_it(tiny, tmp_path):
+    assert resolve_precision("auto", ["FP32", "BF16", "INT8"]) == "bf16"
+    assert resolve_precision("auto", ["FP32", "INT8"]) == "fp32"  # the stated fallback, never an error
+    loaded, onnx_folder = tiny
+    folder = export_openvino(onnx_folder, loaded, OpenVinoExportConfig(precision="auto", int8="weights"),
+                             tmp_path / "auto")
+    meta = json.loads((folder / "effir_openvino.json").read_text())
+    assert (meta["precision"], meta["requested_precision"]) == ("bf16" if HAS_BF16 else "fp32", "auto")
+    encoder = OpenVinoEncoder.from_folder(folder)
+    assert encoder.providers == [f"OpenVINO CPU ({meta['precision']})"]
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 (OpenVINO capabilities lack BF16)")

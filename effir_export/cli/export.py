@@ -122,8 +122,9 @@ def format_check(check: dict) -> str:
 @export.command("openvino")
 @click.argument("source")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Export folder (written atomically).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Inference precision (bf16 needs a CPU with AVX512_BF16 or AMX; elsewhere it is an error).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="Inference precision (bf16 needs a CPU with AVX512_BF16 or AMX; elsewhere it is an error; "
+                   "auto: bf16 where the CPU has it, else fp32, recorded in effir_openvino.json).")
 @click.option("--int8", "int8", type=click.Choice(["none", "weights", "static"]), default="none", show_default=True,
               help="weights: int8 weights (NNCF compress_weights); static: int8 weights and activations "
                    "(NNCF quantize, calibrated on --calibration text).")
@@ -147,12 +148,12 @@ def openvino_command(source, out, precision, int8, calibration, samples, model) 
     from ..export.openvino import OpenVinoExportConfig, export_openvino, read_onnx_source
     from ..models.sources import load_model
     from ..outputs import check_output_path
-    from ..runtime.openvino import cpu_capabilities, require_precision
+    from ..runtime.openvino import cpu_capabilities, resolve_precision
 
     check_output_path(out, [source, model, calibration])
     config = OpenVinoExportConfig(precision=precision, int8=int8, samples=samples,
                                   **({"calibration": calibration} if calibration else {}))
-    require_precision(config.precision, cpu_capabilities())  # before any slow work
+    resolved = resolve_precision(config.precision, cpu_capabilities())  # before any slow work
     if (Path(source) / "effir_onnx.json").is_file():
         loaded = load_model(model or read_onnx_source(Path(source))["source"])
         folder = export_openvino(source, loaded, config, Path(out))
@@ -164,5 +165,6 @@ def openvino_command(source, out, precision, int8, calibration, samples, model) 
             folder = export_openvino(onnx_folder, loaded, config, Path(out))
     check = json.loads((folder / "export_check.json").read_text())
     size = sum(p.stat().st_size for p in folder.glob("model.*"))
-    click.echo(f"wrote {folder}/model.xml ({size / 1e6:.1f} MB, {precision}, int8 {int8})")
+    click.echo(f"wrote {folder}/model.xml ({size / 1e6:.1f} MB, {resolved}"
+               + (" (auto)" if precision == "auto" else "") + f", int8 {int8})")
     click.echo(format_check(check))

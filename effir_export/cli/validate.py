@@ -80,7 +80,7 @@ def _with_common(func):
 @click.command()
 @click.option("--reference", default=None, help="Reference backend spec, e.g. torch:smollm2-135m.")
 @click.option("--backend", "backends", multiple=True,
-              help="Backend under test, [NAME=]KIND:ARTIFACT (kinds: torch, torch-bf16, onnx, gptq, tensorrt); repeatable.")
+              help="Backend under test, [NAME=]KIND:ARTIFACT (kinds: torch, torch-bf16, onnx, openvino, gptq, tensorrt); repeatable.")
 @click.option("--gates", type=click.Path(dir_okay=False), default=None, help="Gate file (YAML), e.g. validation/ci-gates.yaml.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement.")

@@ -25,7 +25,7 @@ from ..errors import ExportError
 from ..hashing import hash_files
 from ..models.sources import LoadedModel
 from ..paths import CALIBRATION_TEXT
-from ..runtime.openvino import (GRAPH_NAME, META_NAME, InferencePrecision, cpu_capabilities, require_precision)
+from ..runtime.openvino import (GRAPH_NAME, META_NAME, PrecisionChoice, cpu_capabilities, resolve_precision)
 from ..schema import StrictModel
 from .check import CHECK_TEXTS, ExportCheck, ExportCheckError, _compare_run, _write
 from .onnx import GRAPH_NAME as ONNX_GRAPH
@@ -46,7 +46,8 @@ class OpenVinoExportConfig(StrictModel):
 
     ```yaml
     openvino:
-      precision: fp32          # inference precision: fp32 | bf16 (needs a CPU with AVX512_BF16 or AMX)
+      precision: fp32          # inference precision: fp32 | bf16 (needs a CPU with AVX512_BF16 or AMX) |
+                               # auto (bf16 where the CPU has it, else fp32; the export records which)
       int8: none               # none | weights (int8 weights, nncf.compress_weights) |
                                # static (int8 weights and activations, nncf.quantize on calibration text)
       calibration: ../data/calibration/msmarco_passages.txt   # static only (default: this file of data/)
@@ -55,7 +56,7 @@ class OpenVinoExportConfig(StrictModel):
     ```
     """
 
-    precision: InferencePrecision = "fp32"
+    precision: PrecisionChoice = "fp32"
     int8: Int8Mode = "none"
     calibration: str = str(CALIBRATION_TEXT)
     samples: int = Field(64, ge=1)
@@ -83,7 +84,7 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
     import openvino as ov
 
     onnx_folder, out_dir = Path(onnx_folder), Path(out_dir)
-    require_precision(config.precision, cpu_capabilities())
+    precision = resolve_precision(config.precision, cpu_capabilities())
     source = read_onnx_source(onnx_folder)
     recorded = verify_artifact(onnx_folder, "onnx")["files"]  # a complete, unedited export only
     if source["source_fingerprint"] != loaded.fingerprint():
@@ -106,7 +107,8 @@ def export_openvino(onnx_folder: str | Path, loaded: LoadedModel, config: OpenVi
                 shutil.copy2(onnx_folder / name, tmp / name)
         meta = {
             "embedding": source["embedding"],
-            "precision": config.precision,
+            "precision": precision,
+            "requested_precision": config.precision,
             "int8": config.int8,
             "calibration": calibration_facts,
             "inputs": source["inputs"],

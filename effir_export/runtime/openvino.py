@@ -18,6 +18,7 @@ from ..models.embedding import EmbeddingConfig
 from .ort import OrtEncoder
 
 InferencePrecision = Literal["fp32", "bf16"]
+PrecisionChoice = Literal["fp32", "bf16", "auto"]  # auto: bf16 where the CPU has it, else fp32
 META_NAME = "effir_openvino.json"
 GRAPH_NAME = "model.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -40,6 +41,15 @@ def require_precision(precision: InferencePrecision, capabilities: list[str]) ->
     if CAPABILITY[precision] not in capabilities:
         raise OpenVinoError(f"this CPU has no {precision} support (OpenVINO CPU capabilities: {', '.join(capabilities)}); "
                             f"use --precision fp32 here, or run on a CPU with AVX512_BF16 or AMX")
+
+
+def resolve_precision(precision: PrecisionChoice, capabilities: list[str]) -> InferencePrecision:
+    """The inference precision to run: ``auto`` is bf16 on a CPU with native bf16 and fp32 elsewhere (a
+    stated fallback, recorded by the export); an explicit bf16 on a CPU without it raises."""
+    if precision == "auto":
+        return "bf16" if CAPABILITY["bf16"] in capabilities else "fp32"
+    require_precision(precision, capabilities)
+    return precision
 
 
 def compile_model(model, precision: InferencePrecision, threads: int | None = None, core=None,
