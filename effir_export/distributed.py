@@ -37,6 +37,12 @@ def init_from_env() -> bool:
     return True
 
 
+def accelerate_shards() -> bool:
+    """True when ``accelerate launch`` started this process with an FSDP config (it says so in the
+    environment); the recipe's ``distributed.strategy`` must then be ``fsdp``."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -110,12 +116,15 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(parameters) -> None:
-    """Replace each gradient by its mean over the ranks (what DDP does after backward)."""
+    """Replace each gradient by its mean over the ranks (what DDP does after backward); FSDP-sharded
+    parameters (DTensors) are skipped, their gradients were reduce-scattered in backward."""
     if not active():
         return
+    from torch.distributed.tensor import DTensor
+
     world = world_size()
     for parameter in parameters:
-        if parameter.grad is not None:
+        if parameter.grad is not None and not isinstance(parameter, DTensor):
             dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
             parameter.grad.div_(world)
 

@@ -41,17 +41,19 @@ def _pairs(ragged: bool = False):
                          () if ragged and i % 3 == 0 else (f"other {WORDS[(i + 5) % 12]}",)) for i in range(12)]
 
 
-def _train(accumulation: int, checkpoint_dir: Path, batch_size: int = 2, gather: bool = False):
-    from effir_export.compress.train import ContrastiveTrainer, LoraSettings, TrainConfig
+def _train(accumulation: int, checkpoint_dir: Path, batch_size: int = 2, gather: bool = False,
+           strategy: str = "ddp"):
+    from effir_export.compress.train import ContrastiveTrainer, DistributedSettings, LoraSettings, TrainConfig
 
     loaded = tiny_loaded("llama", seed=0)
     config = TrainConfig(data="-", steps=3, batch_size=batch_size, accumulation=accumulation, max_length=16,
-                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8), checkpoint_every=1,
-                         gather_negatives=gather)
+                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8),
+                         checkpoint_every=1, gather_negatives=gather,
+                         distributed=DistributedSettings(strategy=strategy))
     trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, _pairs(ragged=gather),
                                  checkpoint_dir)
     result = trainer.train(progress=False)
-    return {k: v.detach().clone() for k, v in trainer.finish().state_dict().items()}, result.losses
+    return {k: v.detach().clone() for k, v in trainer.finish().state_dict().items()}, result.losses, result.summary()
 
 
 def _score(folder: Path):
@@ -81,16 +83,21 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     assert distributed.init_from_env() and distributed.world_size() == world
     folder = Path(folder)
     try:
-        state, losses = _train(1, folder / "checkpoints-2")
-        gathered, gathered_losses = _train(1, folder / "checkpoints-gather-2", gather=True)
+        state, losses, _ = _train(1, folder / "checkpoints-2")
+        gathered, gathered_losses, _ = _train(1, folder / "checkpoints-gather-2", gather=True)
+        sharded, sharded_losses, sharded_summary = _train(1, folder / "checkpoints-fsdp-2", strategy="fsdp")
+        resumed, _, resumed_summary = _train(1, folder / "checkpoints-fsdp-2", strategy="fsdp")  # from step 2
         scores = _score(folder)
         report = _validate(folder, folder / "cache-2")
         if rank == 0:
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "rank0.safetensors"))
             save_file({k: v.contiguous() for k, v in gathered.items()}, str(folder / "rank0-gathered.safetensors"))
+            save_file({k: v.contiguous() for k, v in sharded.items()}, str(folder / "rank0-fsdp.safetensors"))
+            save_file({k: v.contiguous() for k, v in resumed.items()}, str(folder / "rank0-fsdp-resumed.safetensors"))
             (folder / "rank0.json").write_text(json.dumps({
-                "losses": losses, "gathered_losses": gathered_losses, "scores": scores.model_dump(),
-                "report": report.model_dump()}))
+                "losses": losses, "gathered_losses": gathered_losses, "sharded_losses": sharded_losses,
+                "sharded_summary": sharded_summary, "resumed_summary": resumed_summary,
+                "scores": scores.model_dump(), "report": report.model_dump()}))
     finally:
         dist.destroy_process_group()
 
@@ -117,7 +124,7 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ranks_train_the_weights_one_process_trains_with_twice_the_accumulation(two_ranks):
     folder, outputs, state = two_ranks
-    expected, losses = _train(2, folder / "checkpoints-1")
+    expected, losses, _ = _train(2, folder / "checkpoints-1")
     assert outputs["losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     changed = [k for k in expected if not torch.equal(expected[k], tiny_loaded("llama", seed=0).model.state_dict()[k])]
     assert changed  # training moved the (merged) weights
@@ -128,12 +135,36 @@ def test_two_ranks_train_the_weights_one_process_trains_with_twice_the_accumulat
 
 def test_two_ranks_gathering_negatives_train_as_one_process_with_the_concatenated_batch(two_ranks):
     folder, outputs, _ = two_ranks
-    expected, losses = _train(1, folder / "checkpoints-gather-1", batch_size=4, gather=True)  # one process: no-op
+    expected, losses, _ = _train(1, folder / "checkpoints-gather-1", batch_size=4, gather=True)  # one process: no-op
     assert outputs["gathered_losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     assert outputs["gathered_losses"][0] != pytest.approx(outputs["losses"][0], rel=1e-3)  # not the local loss
     state = load_file(str(folder / "rank0-gathered.safetensors"))
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_two_ranks_sharding_with_fsdp_train_the_weights_one_process_trains_with_twice_the_accumulation(two_ranks):
+    folder, outputs, replicated = two_ranks
+    expected, losses, single = _train(2, folder / "checkpoints-1-fsdp")
+    assert outputs["sharded_summary"]["distributed"] == {"ranks": 2, "sharded_fraction": 0.5}  # half on each rank
+    assert single["distributed"] == {"ranks": 1, "sharded_fraction": 1.0}
+    assert outputs["sharded_losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    state = load_file(str(folder / "rank0-fsdp.safetensors"))
+    assert set(state) == set(expected)  # gathered whole, LoRA merged: the plain model's tensors
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
+    assert outputs["resumed_summary"]["resumed_from"] == 2  # the sharded checkpoint, gathered by rank 0
+    resumed = load_file(str(folder / "rank0-fsdp-resumed.safetensors"))
+    for name, tensor in state.items():  # resharded weights and Adam moments continue the same run
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_the_training_strategy_is_ddp_or_fsdp():
+    from effir_export.compress.train import TrainConfig
+
+    assert TrainConfig(data="-").distributed.strategy == "ddp"
+    with pytest.raises(ValueError, match="strategy"):
+        TrainConfig(data="-", distributed={"strategy": "zero3"})
 
 
 def test_gathering_negatives_needs_an_info_nce_term():
@@ -206,3 +237,29 @@ def test_torchrun_runs_compress_with_two_ranks_from_the_command_line(tmp_path):
     assert report["stages"]["width"]["removed_fraction"] == pytest.approx(0.25, abs=0.05)
     left = {p.name for p in tmp_path.iterdir()} - {"cache"}  # no rank's scratch or temp folder is left
     assert left == {"base", "calibration.txt", "out", "pairs.jsonl", "recipe.yaml"}
+
+
+def test_the_shipped_7b_accelerate_config_shards_with_fsdp2_as_its_recipe_does():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from effir_export.recipe import load_recipe
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / "mistral-7b-fsdp.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert (config.num_processes, config.mixed_precision, config.use_cpu) == (8, "bf16", False)
+    recipe = load_recipe(REPO / "recipes" / "mistral-7b-effir.yaml")
+    assert recipe.model.dtype == "bfloat16"
+    for section in (recipe.width, recipe.recovery):
+        assert section.distributed.strategy == "fsdp" and section.precision == "bf16"
+
+
+def test_an_accelerate_fsdp_launch_refuses_a_replicated_training_section(monkeypatch, tmp_path):
+    from effir_export.compress.train import ContrastiveTrainer, TrainConfig
+    from effir_export.errors import EffirError
+
+    loaded = tiny_loaded("llama")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(EffirError, match=r"set distributed: \{strategy: fsdp\}"):
+        ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, TrainConfig(data="-"), _pairs(), tmp_path)
+    ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding,  # one process: fsdp is a no-op
+                       TrainConfig(data="-", distributed={"strategy": "fsdp"}), _pairs(), tmp_path)

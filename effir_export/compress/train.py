@@ -18,10 +18,14 @@ gets with ``accumulation`` x N (tested equal within float tolerance). In-batch n
 micro-batch, unless ``gather_negatives: true``: then each query's InfoNCE candidates are the positives
 and hard negatives of every rank's micro-batch, gathered with the differentiable
 ``torch.distributed.nn.functional.all_gather``, so N ranks with ``batch_size`` B train as one process
-with ``batch_size`` N x B. Only rank 0 writes checkpoints.
+with ``batch_size`` N x B. Only rank 0 writes checkpoints. ``distributed: {strategy: fsdp}`` shards the
+backbone's parameters, gradients and optimizer state over the ranks instead of replicating them
+(torch's FSDP2 ``fully_shard``, one unit per layer), for models whose training state does not fit one
+device; the merged model is gathered back whole at the end.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -65,6 +69,18 @@ class LoraSettings(StrictModel):
     modules: Literal["all", "attention", "mlp"] = "all"
 
 
+class DistributedSettings(StrictModel):
+    """How torchrun's ranks hold the model while they train (one process: no effect).
+
+    ```yaml
+    distributed: {strategy: ddp}   # ddp: every rank a whole copy, gradients all-reduced
+                                   # fsdp: parameters, gradients, optimizer state sharded (FSDP2)
+    ```
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 class TrainConfig(StrictModel):
     """Training on text pairs: data, objective, optimisation, precision, checkpoints.
 
@@ -78,6 +94,7 @@ class TrainConfig(StrictModel):
     accumulation: 1            # micro-batches per optimizer step
     hard_negatives: 1          # negatives per query from the data (0 = in-batch only)
     gather_negatives: false    # torchrun: InfoNCE candidates from every rank's micro-batch (= batch_size x N)
+    distributed: {strategy: ddp}   # torchrun: ddp (replicated) | fsdp (sharded over the ranks)
     objective: contrastive     # contrastive | distill | mixed (distill + distill.contrastive_weight x InfoNCE)
     distill: {embedding_loss: cosine, embedding_weight: 1.0, kl_weight: 1.0, kl_temperature: 0.05,
               contrastive_weight: 0.1}   # the teacher is the build's reference (the uncompressed model)
@@ -107,6 +124,7 @@ class TrainConfig(StrictModel):
     accumulation: int = Field(1, ge=1)
     hard_negatives: int = Field(1, ge=0)
     gather_negatives: bool = False
+    distributed: DistributedSettings = DistributedSettings()
     objective: Literal["contrastive", "distill", "mixed"] = "contrastive"
     distill: DistillSettings = DistillSettings()
     temperature: float = Field(0.02, gt=0.0)
@@ -148,6 +166,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    ranks: int = 1
+    sharded_fraction: float = 1.0  # of the trainable parameters each rank holds (FSDP: about 1 / ranks)
 
     def summary(self) -> dict:
         head = self.losses[: max(1, len(self.losses) // 5)]
@@ -155,7 +175,8 @@ class TrainResult:
         return {"steps": len(self.losses), "resumed_from": self.resumed_from,
                 "loss_first": round(sum(head) / len(head), 5) if head else None,
                 "loss_last": round(sum(tail) / len(tail), 5) if tail else None,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2),
+                "distributed": {"ranks": self.ranks, "sharded_fraction": round(self.sharded_fraction, 4)}}
 
 
 class TrainingExtension(nn.Module):
@@ -223,6 +244,9 @@ class ContrastiveTrainer:
                  pairs: list[TrainingPair], checkpoint_dir: Path):
         if len(pairs) < 2:
             raise EffirError(f"training needs at least 2 pairs (got {len(pairs)}); add training data")
+        if distributed.accelerate_shards() and config.distributed.strategy != "fsdp":
+            raise EffirError("accelerate launched this run with an FSDP config, and the training section says "
+                             "distributed: {strategy: ddp}; set distributed: {strategy: fsdp} (the recipe decides)")
         self.config = config
         self.teacher: TeacherEmbeddings | None = None
         self.tokenizer = tokenizer
@@ -244,6 +268,22 @@ class ContrastiveTrainer:
                                                          target_modules=targets, bias="none"))
         if config.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._plain = self._shard() if config.distributed.strategy == "fsdp" and distributed.active() else None
+
+    def _shard(self) -> nn.Module:
+        """Shard the backbone over the ranks (each layer, then the rest); returns a twin of the model (or of
+        its LoRA wrapper) on the meta device, into which :meth:`finish` gathers the trained weights."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        wrapper = self.peft if self.peft is not None else self.model
+        memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in wrapper.parameters()}
+        twin = copy.deepcopy(wrapper, memo)  # parameters on meta (no second copy of the weights), buffers copied
+        mesh = init_device_mesh(self.device.type, (distributed.world_size(),))
+        for layer in self.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model.backbone, mesh=mesh)  # the root: EffirModel.embed calls the backbone module
+        return twin
 
     # --- data --------------------------------------------------------------------------------------
     def batch(self, micro_step: int) -> list[TrainingPair]:
@@ -349,7 +389,7 @@ class ContrastiveTrainer:
                    "weight_decay": config.weight_decay, "base_lr": config.learning_rate, "scheduled": True}]
         groups += [{"weight_decay": 0.0, "scheduled": True, **g, "base_lr": g["lr"]} for g in extension.param_groups()]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-        result = TrainResult()
+        result = TrainResult(ranks=distributed.world_size(), sharded_fraction=self._held_fraction())
         key = self._checkpoint_key(extension)
         start = self._load_checkpoint(key, extension, optimizer, result) if config.resume else 0
         result.resumed_from = start
@@ -387,9 +427,25 @@ class ContrastiveTrainer:
         result.seconds = time.perf_counter() - began
         return result
 
+    def _held_fraction(self) -> float:
+        """The share of the trainable parameters this rank holds (1.0 unless FSDP shards them)."""
+        from torch.distributed.tensor import DTensor
+
+        params = list(self.trainable().values())
+        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        return held / max(1, sum(p.numel() for p in params))
+
     def finish(self) -> EffirModel:
-        """Merge LoRA into the weights, turn gradient checkpointing off and return the plain model."""
-        model = self.peft.merge_and_unload() if self.peft is not None else self.model
+        """Merge LoRA into the weights, turn gradient checkpointing off and return the plain model (sharded
+        weights gathered whole on every rank)."""
+        wrapper = self.peft if self.peft is not None else self.model
+        if self._plain is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            wrapper = self._plain
+            (wrapper.base_model.model if self.peft is not None else wrapper).load_state_dict(full, assign=True)
+        model = wrapper.merge_and_unload() if self.peft is not None else wrapper
         if self.config.gradient_checkpointing:
             model.backbone.gradient_checkpointing_disable()
         for parameter in model.parameters():
@@ -411,18 +467,20 @@ class ContrastiveTrainer:
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _save_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:
-        if distributed.is_main():
-            self._write_checkpoint(step, key, extension, optimizer, result)
+        """Rank 0 writes the checkpoint; under FSDP every rank first helps gather the sharded tensors whole."""
+        if distributed.is_main() or self._plain is not None:
+            tensors = {f"model.{k}": _whole(v) for k, v in self.trainable().items()}
+            tensors.update({f"extension.{k}": _whole(v) for k, v in extension.state_dict().items()})
+            tensors["rng.torch"] = torch.get_rng_state()
+            if self.device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            optimizer_state = _flatten(optimizer.state_dict(), "optimizer", tensors)
+            if distributed.is_main():
+                self._write_checkpoint(tensors, {"key": key, "step": step, "losses": result.losses,
+                                                 "optimizer": optimizer_state})
         distributed.barrier()
 
-    def _write_checkpoint(self, step: int, key: str, extension: nn.Module, optimizer, result: TrainResult) -> None:
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.trainable().items()}
-        tensors.update({f"extension.{k}": v.detach().cpu().contiguous() for k, v in extension.state_dict().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        optimizer_state = _flatten(optimizer.state_dict(), "optimizer", tensors)
-        meta = {"key": key, "step": step, "losses": result.losses, "optimizer": optimizer_state}
+    def _write_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         with atomic_directory(self.checkpoint_dir / "latest") as tmp:
             save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta))
@@ -434,9 +492,15 @@ class ContrastiveTrainer:
         meta, tensors = found
         with torch.no_grad():
             for name, parameter in self.trainable().items():
-                parameter.copy_(tensors[f"model.{name}"])
+                parameter.copy_(_shaped_like(parameter, tensors[f"model.{name}"]))
         extension.load_state_dict({k[len("extension."):]: v for k, v in tensors.items() if k.startswith("extension.")})
         optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
+        for group in optimizer.param_groups:  # FSDP: the moments go back to their parameters' shards
+            for parameter in group["params"]:
+                state = optimizer.state.get(parameter, {})
+                for name, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                        state[name] = _shaped_like(parameter, value)
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -457,10 +521,29 @@ class ContrastiveTrainer:
         return meta, load_file(str(folder / "state.safetensors"))
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU, gathered whole when FSDP shards it (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _shaped_like(parameter: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` on ``parameter``'s device, sharded as ``parameter`` is when FSDP shards it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    whole = whole.to(parameter.device)
+    if isinstance(parameter, DTensor):
+        return distribute_tensor(whole.to(parameter.dtype), parameter.device_mesh, parameter.placements)
+    return whole
+
+
 def _flatten(value, path: str, tensors: dict[str, torch.Tensor]):
-    """JSON-able form of a nested state dict; tensors go to ``tensors`` under their path."""
+    """JSON-able form of a nested state dict; tensors go to ``tensors`` under their path (whole)."""
     if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach().cpu().contiguous()
+        tensors[path] = _whole(value)
         return {"tensor": path}
     if isinstance(value, dict):
         return {"items": [[k, _flatten(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
