@@ -70,9 +70,11 @@ def environment(ws: Path) -> dict[str, str]:
             "TMPDIR": str(scratch)}
 
 
-def torchrun(ws: Path, recipe: Path, out: str) -> list[str]:
+def torchrun(ws: Path, recipe: Path, out: str, command: str = "build") -> list[str]:
+    """2 ranks of ``effir_export build RECIPE`` (or ``compress --recipe RECIPE``) writing ``out``."""
+    args = [str(recipe)] if command == "build" else ["--recipe", str(recipe)]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "effir_export", "build", str(recipe), "--out", out]
+            "--master-port", str(_free_port()), "-m", "effir_export", command, *args, "--out", out]
 
 
 def run(ws: Path, command: list[str]) -> subprocess.CompletedProcess:
@@ -176,3 +178,61 @@ def test_a_rank_killed_mid_training_fails_the_job_in_bounded_time_and_the_rerun_
     assert (ws / "build" / "03-onnx" / "model.onnx").read_bytes() == (ws / "reference/03-onnx/model.onnx").read_bytes()
     assert ndcg(ws / "build") == ndcg(ws / "reference")
     assert not list(ws.rglob(".*.tmp-*")) and not own_scratch(ws)
+
+
+def write_width_recipe(ws: Path, strategy: str) -> Path:
+    """Depth, then the width stage (gates + LoRA, bf16 autocast, gradient checkpointing, a checkpoint) held as
+    ``strategy`` says."""
+    path = ws / f"width-{strategy}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: width-{strategy}
+        model: {{source: base}}
+        embedding: {{max_length: 24}}
+        depth:
+          score: {{calibration: calibration.txt, samples: 12, max_length: 24}}
+          drop: {{mlp: 1}}
+        width: {{data: pairs.jsonl, steps: 4, batch_size: 2, max_length: 16, lora: {{rank: 4, alpha: 8}}, probe: 2,
+                precision: bf16, gradient_checkpointing: true, checkpoint_every: 2,
+                checkpoint_dir: checkpoints-{strategy}, distributed: {{strategy: {strategy}}}, sparsity: {{target: 0.25}}}}
+        """))
+    return path
+
+
+CPU_FSDP_ACCELERATE = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_training_function: main
+rdzv_backend: static
+same_network: true
+use_cpu: true
+fsdp_config: {fsdp_version: 2}
+"""
+
+
+@pytest.mark.integration  # three 2-rank launches of a tiny compress: ~25 s on 2 cores
+def test_accelerate_launch_with_fsdp_trains_the_width_stage_as_replicated_ranks_do(tmp_path):
+    ws = tmp_path
+    write_workspace(ws)
+    (ws / "accelerate.yaml").write_text(CPU_FSDP_ACCELERATE)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ws / "accelerate.yaml"),
+                  "--main_process_port", str(_free_port()), "-m", "effir_export", "compress", "--recipe"]
+    run(ws, torchrun(ws, write_width_recipe(ws, "ddp"), "ddp", command="compress"))
+    run(ws, [*accelerate, str(write_width_recipe(ws, "fsdp")), "--out", "fsdp"])
+    reports = {name: json.loads((ws / name / "compress_report.json").read_text())["stages"]["width"]
+               for name in ("ddp", "fsdp")}
+    assert reports["fsdp"]["training"]["distributed"] == {"ranks": 2, "sharded_fraction": 0.5}
+    assert reports["ddp"]["training"]["distributed"] == {"ranks": 2, "sharded_fraction": 1.0}
+    assert reports["fsdp"]["mlp_widths"] == reports["ddp"]["mlp_widths"]  # the same neurons cut
+    sharded, replicated = (load_file(str(ws / name / "model.safetensors")) for name in ("fsdp", "ddp"))
+    assert set(sharded) == set(replicated)
+    for name, tensor in replicated.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6)
+
+    refused = subprocess.run([*accelerate, str(ws / "width-ddp.yaml"), "--out", "refused"], cwd=ws,
+                             env=environment(ws), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "set distributed: {strategy: fsdp}" in refused.stderr
+    assert not (ws / "refused").exists()

@@ -268,11 +268,12 @@ class ContrastiveTrainer:
                                                          target_modules=targets, bias="none"))
         if config.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._plain = self._shard() if config.distributed.strategy == "fsdp" and distributed.active() else None
+        self._plain: nn.Module | None = None  # under FSDP: the unsharded twin that finish() fills
 
     def _shard(self) -> nn.Module:
         """Shard the backbone over the ranks (each layer, then the rest); returns a twin of the model (or of
-        its LoRA wrapper) on the meta device, into which :meth:`finish` gathers the trained weights."""
+        its LoRA wrapper) on the meta device, into which :meth:`finish` gathers the trained weights. Done
+        when training starts, so encoding before it (probes, inference mode) sees the plain model."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -384,6 +385,8 @@ class ContrastiveTrainer:
               on_step: Callable[[int], None] | None = None) -> TrainResult:
         """Run (or resume) ``config.steps`` optimizer steps; ``on_step(step)`` runs after each one."""
         config = self.config
+        if config.distributed.strategy == "fsdp" and distributed.active():
+            self._plain = self._shard()
         extension = (extension or TrainingExtension()).to(self.device)
         groups = [{"params": list(self.trainable().values()), "lr": config.learning_rate,
                    "weight_decay": config.weight_decay, "base_lr": config.learning_rate, "scheduled": True}]
