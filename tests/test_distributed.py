@@ -42,12 +42,12 @@ def _pairs(ragged: bool = False):
 
 
 def _train(accumulation: int, checkpoint_dir: Path, batch_size: int = 2, gather: bool = False,
-           strategy: str = "ddp"):
+           strategy: str = "ddp", lora: bool = True):
     from effir_export.compress.train import ContrastiveTrainer, DistributedSettings, LoraSettings, TrainConfig
 
     loaded = tiny_loaded("llama", seed=0)
     config = TrainConfig(data="-", steps=3, batch_size=batch_size, accumulation=accumulation, max_length=16,
-                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8),
+                         learning_rate=5e-3, lora=LoraSettings(rank=4, alpha=8) if lora else None,
                          checkpoint_every=1, gather_negatives=gather,
                          distributed=DistributedSettings(strategy=strategy))
     trainer = ContrastiveTrainer(loaded.model, loaded.tokenizer, loaded.embedding, config, _pairs(ragged=gather),
@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         gathered, gathered_losses, _ = _train(1, folder / "checkpoints-gather-2", gather=True)
         sharded, sharded_losses, sharded_summary = _train(1, folder / "checkpoints-fsdp-2", strategy="fsdp")
         resumed, _, resumed_summary = _train(1, folder / "checkpoints-fsdp-2", strategy="fsdp")  # from step 2
+        full, full_losses, _ = _train(1, folder / "checkpoints-fsdp-full-2", strategy="fsdp", lora=False)
         scores = _score(folder)
         report = _validate(folder, folder / "cache-2")
         if rank == 0:
@@ -94,9 +95,10 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             save_file({k: v.contiguous() for k, v in gathered.items()}, str(folder / "rank0-gathered.safetensors"))
             save_file({k: v.contiguous() for k, v in sharded.items()}, str(folder / "rank0-fsdp.safetensors"))
             save_file({k: v.contiguous() for k, v in resumed.items()}, str(folder / "rank0-fsdp-resumed.safetensors"))
+            save_file({k: v.contiguous() for k, v in full.items()}, str(folder / "rank0-fsdp-full.safetensors"))
             (folder / "rank0.json").write_text(json.dumps({
                 "losses": losses, "gathered_losses": gathered_losses, "sharded_losses": sharded_losses,
-                "sharded_summary": sharded_summary, "resumed_summary": resumed_summary,
+                "sharded_summary": sharded_summary, "resumed_summary": resumed_summary, "full_losses": full_losses,
                 "scores": scores.model_dump(), "report": report.model_dump()}))
     finally:
         dist.destroy_process_group()
@@ -157,6 +159,15 @@ def test_two_ranks_sharding_with_fsdp_train_the_weights_one_process_trains_with_
     resumed = load_file(str(folder / "rank0-fsdp-resumed.safetensors"))
     for name, tensor in state.items():  # resharded weights and Adam moments continue the same run
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_two_ranks_sharding_a_full_fine_tune_train_the_weights_one_process_trains(two_ranks):
+    folder, outputs, _ = two_ranks
+    expected, losses, _ = _train(2, folder / "checkpoints-1-fsdp-full", lora=False)
+    assert outputs["full_losses"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    state = load_file(str(folder / "rank0-fsdp-full.safetensors"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_the_training_strategy_is_ddp_or_fsdp():
