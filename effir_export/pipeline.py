@@ -160,15 +160,17 @@ def _source_key(recipe: Recipe, out: Path) -> str:
     return stage_key("source", {"model": recipe.model.model_dump(), "fingerprint": source.fingerprint()}, "")
 
 
-def _decide(step: BuildStep, recipe: Recipe, folder: Path, key: str, force: set[str]) -> tuple[str, object]:
-    """("skipped", reason), ("cached", manifest) or ("run", None) for one stage."""
+def _decide(step: BuildStep, recipe: Recipe, folder: Path, upstream: str,
+            force: set[str]) -> tuple[str, object, str]:
+    """One stage's fate and cache key: ("skipped", reason), ("cached", manifest) or ("run", None)."""
+    key = stage_key(step.name, step.settings(recipe), upstream, recipe.resolve_path("."))
     reason = step.skip_reason(recipe)
     if reason:
-        return "skipped", reason
+        return "skipped", reason, key
     manifest = read_manifest(folder)
     if manifest and manifest["key"] == key and step.name not in force:
-        return "cached", manifest
-    return "run", None
+        return "cached", manifest, key
+    return "run", None, key
 
 
 def _write_stage(step: BuildStep, state: BuildState, tmp: Path, key: str, upstream: str, started: float,
@@ -210,8 +212,7 @@ def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str
     active = [s for s in steps if s.settings(recipe) is not None]
     for number, step in enumerate(active, 1):
         folder = out / f"{number:02d}-{step.name}"
-        key = stage_key(step.name, step.settings(recipe), upstream, recipe.resolve_path("."))
-        status, detail = distributed.run_on_main(lambda: _decide(step, recipe, folder, key, force))
+        status, detail, key = distributed.run_on_main(lambda: _decide(step, recipe, folder, upstream, force))
         if status == "skipped":
             echo(f"[{number}/{len(active)}] {step.name:<10} skipped: {detail}")
             outcomes.append(StageOutcome(step.name, "skipped", None, reason=detail))
