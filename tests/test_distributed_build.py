@@ -236,3 +236,16 @@ def test_accelerate_launch_with_fsdp_trains_the_width_stage_as_replicated_ranks_
                              env=environment(ws), capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "set distributed: {strategy: fsdp}" in refused.stderr
     assert not (ws / "refused").exists()
+
+
+def test_nproc_inside_torchrun_is_refused_before_any_rank_starts(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from effir_export.cli import main
+
+    write_workspace(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "outer")  # what torchrun sets in its workers
+    result = CliRunner().invoke(main, ["build", str(write_recipe(tmp_path, "nested")), "--out",
+                                       str(tmp_path / "out"), "--nproc", "2"])
+    assert result.exit_code == 2 and "already runs under it; drop --nproc" in result.output
+    assert not (tmp_path / "out").exists()

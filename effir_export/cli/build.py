@@ -1,7 +1,6 @@
 """``effir-export build [RECIPE]``: the whole recipe to deployable, validated artifacts."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -30,7 +29,8 @@ def build(ctx: click.Context, recipe_path, out, force, nproc) -> None:
     `effir-export fetch embeddinggemma-300m`, which ./install.sh runs). Stages are cached by the
     hash of their inputs, so a rerun redoes only what changed. Stages that need a GPU or TensorRT are
     skipped with the reason shown. Writes OUT/<NN>-<stage>/ folders and OUT/build_summary.{json,md};
-    exits non-zero when a validation gate fails.
+    exits non-zero when a validation gate fails. Under torchrun, or with --nproc N, the ranks share the
+    training, scoring and validation stages (docs/distributed.md).
     """
     from .. import distributed
     from ..build_steps import default_steps
