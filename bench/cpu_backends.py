@@ -169,7 +169,8 @@ def markdown(report: dict) -> str:
     lines = [f"# CPU backends: full vs compressed ({report['created']})", "",
              f"Command: `{report['command']}`", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, {report['threads']} threads; "
-             f"OpenVINO CPU capabilities: {', '.join(report['machine']['openvino_capabilities'])}.",
+             f"OpenVINO CPU capabilities: {', '.join(report['machine']['openvino_capabilities'])}; "
+             f"load average at the end (1/5/15 min): {report['machine'].get('load_average')}.",
              f"Full model `{report['full']}`, compressed `{report['compressed']}`.", "",
              "| backend | doc batch ms | × full torch fp32 | × full, same backend | its FLOP bound | realised | "
              "query batch ms | single query p50 / p99 ms | min cosine to fp32 | peak MB | disk MB |",

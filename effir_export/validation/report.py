@@ -125,12 +125,17 @@ def _delta(delta: PairedDifference | None) -> str:
             f"{delta.p_value:.3g}{'' if delta.p_exact else ' (MC)'}")
 
 
+def _load(machine: dict) -> str:
+    load = machine.get("load_average")
+    return f", load average {'/'.join(map(str, load))}" if load else ""
+
+
 def markdown(report: ValidationReport) -> str:
     ds = report.dataset
     lines = [f"# Validation report ({'PASSED' if report.passed else 'FAILED'})", "",
              f"Created {report.created} on {report.machine.get('cpu', '?')} "
              f"({report.machine.get('threads')} threads, torch {report.machine.get('torch')}"
-             f"{', GPU ' + report.machine['gpu'] if report.machine.get('gpu') else ''}).", "",
+             f"{', GPU ' + report.machine['gpu'] if report.machine.get('gpu') else ''}{_load(report.machine)}).", "",
              f"Data: `{ds['path']}` — {ds['queries']} judged queries, {ds['documents']} documents, "
              f"{ds['judgments']} judgments, fingerprint `{ds['fingerprint']}`."]
     if ds.get("slice"):

@@ -241,7 +241,8 @@ def _result(backend: Backend, data: BeirData, queries: np.ndarray, corpus: np.nd
 
 
 def machine_info() -> dict:
-    """CPU model, thread count, torch version and GPU name (if any)."""
+    """CPU model, thread count, torch version, GPU name (if any) and the load average (1, 5, 15 minutes)
+    when it is taken: what else was running while a report's timings were measured."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -249,4 +250,5 @@ def machine_info() -> dict:
                     if l.startswith("model name")), cpu)
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
