@@ -70,13 +70,21 @@ def _openvino_run(state: BuildState, folder: Path) -> dict:
     return json.loads((folder / "export_check.json").read_text())
 
 
-def _openvino_skip(recipe: Recipe) -> str | None:
+def _openvino_unavailable(recipe: Recipe) -> str | None:
+    """Why no OpenVINO stage can run whatever the precision (no ONNX export to convert, not installed)."""
     import importlib.util
 
     if recipe.onnx is None:
         return "OpenVINO converts the build's ONNX export; add an 'onnx:' section"
     if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
         return "OpenVINO/NNCF are not installed (pip install -e '.[openvino]')"
+    return None
+
+
+def _openvino_skip(recipe: Recipe) -> str | None:
+    reason = _openvino_unavailable(recipe)
+    if reason:
+        return reason
     from .runtime.openvino import OpenVinoError, cpu_capabilities, resolve_precision
 
     try:
@@ -90,7 +98,7 @@ def _openvino_settings(recipe: Recipe):
     """The openvino stage's settings, with ``precision: auto`` resolved for this CPU (so a build folder
     moved to a CPU with other instructions redoes the stage instead of reusing it)."""
     config = recipe.openvino
-    if config is None or config.precision != "auto" or _openvino_skip(recipe) is not None:
+    if config is None or config.precision != "auto" or _openvino_unavailable(recipe) is not None:
         return config
     from .runtime.openvino import cpu_capabilities, resolve_precision
 
@@ -217,14 +225,14 @@ def _triton_run(state: BuildState, folder: Path) -> dict:
     from .serve.choice import choose_export
     from .serve.triton import write_triton_repository
 
-    report = state.artifacts.get("validation")
+    validation = state.artifacts.get("validation")
+    report = validation / "report.json" if validation else None
     engines = state.artifacts.get("tensorrt")
     exports = {name: path for name, path in state.artifacts.items() if name not in ("validation", "tensorrt")}
-    choice = choose_export(state.recipe.serve, exports, state.recipe.triton.flavour,
-                           report / "report.json" if report else None)
+    choice = choose_export(state.recipe.serve, exports, state.recipe.triton.flavour, report)
     write_triton_repository(exports[choice.stage], state.recipe.triton, folder / "repository",
                             engines=engines / "engines" if engines and state.recipe.triton.flavour == "gpu" else None,
-                            recipe=state.recipe.source_file, report=report / "report.json" if report else None)
+                            recipe=state.recipe.source_file, report=report)
     (folder / "serving_choice.json").write_text(choice.model_dump_json(indent=2) + "\n")
     return {**json.loads((folder / "repository" / "repository.json").read_text()), "serving": choice.model_dump()}
 

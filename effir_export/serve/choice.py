@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from ..errors import EffirError
 from ..export.check import CHECK_NAME
 from ..schema import StrictModel
+from ..validation.backends import BackendSpec
 
 # the Triton flavour -> the validation backend kinds it serves
 SERVABLE_KINDS: dict[str, tuple[str, ...]] = {"cpu": ("onnx", "openvino"), "gpu": ("onnx",), "openvino": ("openvino",)}
@@ -63,11 +64,9 @@ def _check(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _candidate(result: dict, stage: str, folder: Path, report: dict, by: str) -> Candidate:
+def _candidate(result: dict, stage: str, folder: Path, report: dict, timings: dict[str, float], by: str) -> Candidate:
     check = _check(folder)
     precision = f"{check['precision']} {check.get('weights', '')}".strip()
-    timings = {t["backend"]: t["median_ms"] for r in (report.get("latency") or {}).get("regimes", [])
-               if r["regime"] == by for t in r["timings"]}
     failed = [f"{g['metric']} ({g['value']} vs {g['comparison']} {g['threshold']})" for g in report["gates"]
               if g["backend"] == result["name"] and not g["passed"]]
     cosine, threshold = check.get("min_cosine"), check["min_cosine_threshold"]
@@ -97,12 +96,14 @@ def choose_export(config: ServeChoiceConfig, artifacts: dict[str, Path], flavour
                          "that names the exports ({onnx}, {onnx-int8}, {openvino})")
     report = json.loads(report_file.read_text())
     by_folder = {str(Path(folder).resolve()): stage for stage, folder in artifacts.items()}
+    timings = {t["backend"]: t["median_ms"] for r in (report.get("latency") or {}).get("regimes", [])
+               if r["regime"] == config.by for t in r["timings"]}
     candidates = []
     for result in [report["reference"], *report["backends"]]:
-        artifact = result["spec"].split("=", 1)[-1].split(":", 1)[-1]
-        stage = by_folder.get(str(Path(artifact).resolve()))
+        artifact = Path(BackendSpec.parse(result["spec"]).artifact)
+        stage = by_folder.get(str(artifact.resolve()))
         if stage is not None and result["kind"] in kinds:
-            candidates.append(_candidate(result, stage, Path(artifact), report, config.by))
+            candidates.append(_candidate(result, stage, artifact, report, timings, config.by))
     eligible = sorted((c for c in candidates if c.eligible), key=lambda c: c.median_ms)
     if not eligible:
         found = "; ".join(f"{c.backend}: {c.why_not}" for c in candidates) or "none of the build's exports"
