@@ -37,6 +37,14 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits. Without it gloo's worker threads are torn
+    down during finalization and the process can abort (SIGABRT, "terminate called without an active
+    exception") after its work succeeded: pytorch/pytorch#190489."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def accelerate_shards() -> bool:
     """True when ``accelerate launch`` started this process with an FSDP config (it says so in the
     environment); the recipe's ``distributed.strategy`` must then be ``fsdp``."""

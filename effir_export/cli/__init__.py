@@ -77,12 +77,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     MODEL arguments accept a model folder, a .gguf file, or a built-in alias (smollm2-135m, minilm-l6).
     Nothing is downloaded from a model hub.
     """
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, shutdown
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     _configure_logging(debug)
-    init_from_env()  # under torchrun: join its process group (score, compress and validate share the work)
+    if init_from_env():  # under torchrun: join its process group (score, compress and validate share the work)
+        ctx.call_on_close(shutdown)
 
 
 def _configure_logging(debug: bool) -> None:
