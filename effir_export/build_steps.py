@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from . import distributed
 from .compress.pipeline import STAGES as COMPRESSION_STAGES
 from .compress.pipeline import run_stage
 from .errors import EffirError
@@ -33,7 +34,8 @@ def _model_step(name: str) -> BuildStep:
         provenance = dict(result.loaded.model.config.provenance)
         provenance["stages"] = [*provenance.get("stages", []), name]
         result.loaded.model.config.provenance = provenance
-        write_model_files(result.loaded.model, result.loaded.tokenizer, folder)
+        if distributed.is_main():  # the other ranks' folder is scratch: rank 0's is the stage's
+            write_model_files(result.loaded.model, result.loaded.tokenizer, folder)
         return result.report
 
     def publish(state: BuildState, folder: Path) -> None:

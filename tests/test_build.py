@@ -194,3 +194,21 @@ def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path, monkeypatch):
     assert kept and all(w % 8 == 0 and w < 48 for w in kept)
     assert (out / "06-triton" / "repository" / "tiny" / "config.pbtxt").is_file()
     assert "gates: PASSED" in result.output
+
+
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_a_compression_stage_writes_the_model_on_rank_0_alone(tiny_recipe, tmp_path, monkeypatch, main_rank):
+    from effir_export import distributed
+    from effir_export.build_steps import default_steps
+    from effir_export.pipeline import BuildState
+    from effir_export.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe)
+    depth = next(step for step in default_steps() if step.name == "depth")
+    monkeypatch.setattr(distributed, "is_main", lambda: main_rank)  # what rank 1 of a torchrun job sees
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    report = depth.run(BuildState(recipe=recipe, model=str(tmp_path / "base"), reference=str(tmp_path / "base")),
+                       folder)
+    assert report["dropped"]["mlp"]  # every rank ran the stage
+    assert (folder / "model.safetensors").is_file() == main_rank  # the other ranks' scratch gets no model files

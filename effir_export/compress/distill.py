@@ -105,6 +105,9 @@ def cache_key(fingerprint: str, settings: EmbeddingConfig, kind: str, texts: lis
     return digest.hexdigest()[:20]
 
 
+KIND_PLURALS = {"query": "queries", "document": "documents"}
+
+
 def teacher_embeddings(loaded: LoadedModel, settings: EmbeddingConfig, queries: list, documents: list,
                        cache_dir: Path | None) -> TeacherEmbeddings:
     """Embed ``queries`` and ``documents`` with the teacher ``loaded``, through the disk cache in
@@ -124,7 +127,8 @@ def teacher_embeddings(loaded: LoadedModel, settings: EmbeddingConfig, queries: 
                 device = str(next(loaded.model.parameters()).device)
                 encoder = Encoder(loaded.model, loaded.tokenizer, settings=settings, device=device)
             with torch.no_grad():
-                vectors = torch.from_numpy(encoder.encode(texts, kind=kind, desc=f"teacher {kind}s")).float()
+                encoded = encoder.encode(texts, kind=kind, desc=f"teacher {KIND_PLURALS[kind]}")
+                vectors = torch.from_numpy(encoded).float()
             stats["misses"] += 1
             if path is not None:
                 with atomic_directory(path.parent) as tmp:

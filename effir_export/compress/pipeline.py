@@ -73,6 +73,8 @@ def compress(recipe, stages: list[str], out: Path, model_source: str | None = No
         provenance = dict(loaded.model.config.provenance)
         provenance.setdefault("stages", []).extend(stages)
         loaded.model.config.provenance = provenance
-        write_model_files(loaded.model, loaded.tokenizer, tmp)
-        (tmp / "compress_report.json").write_text(json.dumps({"recipe": recipe.name, "stages": reports}, indent=2))
+        if distributed.is_main():  # the other ranks' folder is scratch
+            write_model_files(loaded.model, loaded.tokenizer, tmp)
+            (tmp / "compress_report.json").write_text(json.dumps({"recipe": recipe.name, "stages": reports},
+                                                                 indent=2))
     return Path(out)
