@@ -199,7 +199,7 @@ def _validate_run(state: BuildState, folder: Path) -> dict:
     config, absent = build_validation(state.recipe.validation, state, [step.name for step in default_steps()])
     report = run_validation(config.model_copy(update={"out": str(folder)}), base_dir=state.recipe.resolve_path("."),
                             embedding=state.recipe.embedding, absent_backends=absent)
-    return {"gates_passed": report.passed, "backends": build_rows(report),
+    return {"gates_passed": report.passed, "gates_checked": len(report.gates), "backends": build_rows(report),
             "failed_gates": [g.model_dump() for g in report.gates if not g.passed],
             "skipped_gates": report.skipped_gates}
 

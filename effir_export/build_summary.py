@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .pipeline import StageOutcome
+from .validation.report import gates_verdict
 
 
 def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
@@ -18,6 +19,7 @@ def summarize(recipe, out: Path, outcomes: list[StageOutcome]) -> dict:
             summary.setdefault("parameters", {"original": params["before"]})["final"] = params["after"]
         if "gates_passed" in outcome.report:
             summary["gates_passed"] = outcome.report["gates_passed"]
+            summary["gates_checked"] = outcome.report.get("gates_checked")
         if "backends" in outcome.report:
             summary["backends"] = outcome.report["backends"]
             summary["failed_gates"] = outcome.report.get("failed_gates", [])
@@ -57,7 +59,7 @@ def format_summary(summary: dict) -> str:
                   + f": {serving['reason']}"]
         lines += [f"  not chosen: {c['backend']}: {c['why_not']}" for c in serving["candidates"] if not c["eligible"]]
     if "gates_passed" in summary:
-        lines += ["", f"gates: {'PASSED' if summary['gates_passed'] else 'FAILED'}"]
+        lines += ["", f"gates: {gates_verdict(summary['gates_passed'], summary.get('gates_checked'))}"]
         lines += [f"  failed: {g['metric']} on {g['backend']}: {_fmt(g.get('value'), '{:.4g}')} "
                   f"(needs {g['comparison']} {g['threshold']})" for g in summary.get("failed_gates", [])]
         lines += [f"  skipped: {note}" for note in summary.get("skipped_gates", [])]
@@ -74,3 +76,4 @@ def write_summary(summary: dict, out: Path) -> str:
     (out / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "build_summary.md").write_text(text + "\n")
     return text
+

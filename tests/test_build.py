@@ -193,7 +193,14 @@ def test_tiny_build_runs_every_cpu_stage_end_to_end(tmp_path, monkeypatch):
     kept = [layer["intermediate_size"] for layer in widths if layer.get("mlp", True) and layer["intermediate_size"]]
     assert kept and all(w % 8 == 0 and w < 48 for w in kept)
     assert (out / "06-triton" / "repository" / "tiny" / "config.pbtxt").is_file()
-    assert "gates: PASSED" in result.output
+    assert summary["gates_checked"] > 0 and f"gates: PASSED ({summary['gates_checked']} checked)" in result.output
+
+
+def test_a_recipe_without_gates_says_nothing_was_checked_rather_than_passed():
+    from effir_export.validation.report import gates_verdict
+
+    assert gates_verdict(True, 0) == "none checked (no gates were set)"
+    assert gates_verdict(True, 3) == "PASSED (3 checked)" and gates_verdict(False, 3) == "FAILED (3 checked)"
 
 
 @pytest.mark.parametrize("main_rank", [True, False])

@@ -15,6 +15,20 @@ def test_shipped_recipes_validate(path):
     assert recipe.name and recipe.model.source
 
 
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES_DIR.glob("*.yaml") if load_recipe(p).validation),
+                         ids=lambda p: p.name)
+def test_each_recipe_that_validates_sets_gates_on_its_own_backends(path):
+    from effir_export.validation.backends import BackendSpec
+    from effir_export.validation.gates import check_gates, load_gates
+
+    recipe = load_recipe(path)
+    assert recipe.validation.gates, "a recipe without gates prints a verdict on nothing"
+    names = [BackendSpec.parse(spec).name for spec in [recipe.validation.reference, *recipe.validation.backends]]
+    gates = load_gates(recipe.resolve_path(recipe.validation.gates))
+    check_gates(gates, names, recipe.validation.measurements())
+    assert {b for g in gates for b in g.backends or []} <= set(names)
+
+
 def test_default_recipe_is_the_real_retriever_validated_on_every_held_out_query():
     recipe = load_recipe()
     assert DEFAULT_RECIPE.name == "embeddinggemma-300m.yaml" and recipe.model.source == "embeddinggemma-300m"

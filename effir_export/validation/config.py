@@ -106,6 +106,11 @@ class ValidateConfig(StrictModel):
             raise ValueError("must not be empty")
         return value
 
+    def measurements(self) -> set[str]:
+        """The optional measurements this run makes (what gates may need): latency, memory, asymmetric."""
+        return ({s for s in ("latency", "memory") if getattr(self, s) is not None}
+                | ({"asymmetric"} if self.asymmetric else set()))
+
     def resolved(self, base_dir: Path) -> "ValidateConfig":
         """A copy whose paths (data, gates, out, cache, local backend artifacts) are absolute, relative
         paths taken from ``base_dir`` (the recipe's folder); ``$VARS`` are expanded first."""

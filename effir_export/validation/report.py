@@ -101,6 +101,13 @@ def gate_line(gate: GateResult) -> str:
     return f"{gate.metric} [{gate.backend}]: value {_value(gate.value)}, required {gate.comparison} {gate.threshold:g}"
 
 
+def gates_verdict(passed: bool, checked: int | None) -> str:
+    """``PASSED (3 checked)``, ``FAILED (...)``, or that nothing was checked (a recipe without gates)."""
+    if checked == 0:
+        return "none checked (no gates were set)"
+    return ("PASSED" if passed else "FAILED") + (f" ({checked} checked)" if checked is not None else "")
+
+
 def gates_table(gates: list[GateResult]) -> str:
     """Markdown table: gate, backend, threshold, value, pass/FAIL."""
     lines = ["| gate | backend | threshold | value | result |", "|---|---|---|---|---|"]
@@ -132,7 +139,7 @@ def _load(machine: dict) -> str:
 
 def markdown(report: ValidationReport) -> str:
     ds = report.dataset
-    lines = [f"# Validation report ({'PASSED' if report.passed else 'FAILED'})", "",
+    lines = [f"# Validation report (gates: {gates_verdict(report.passed, len(report.gates))})", "",
              f"Created {report.created} on {report.machine.get('cpu', '?')} "
              f"({report.machine.get('threads')} threads, torch {report.machine.get('torch')}"
              f"{', GPU ' + report.machine['gpu'] if report.machine.get('gpu') else ''}{_load(report.machine)}).", "",

@@ -126,8 +126,7 @@ def run_validation(config: ValidateConfig, base_dir: str | Path | None = None,
     specs = parse_specs([config.reference, *config.backends])
     names = [s.name for s in specs]
     gates, skipped_gates = without_absent(load_gates(config.gates) if config.gates else [], set(absent_backends))
-    check_gates(gates, names, {s for s in ("latency", "memory") if getattr(config, s) is not None}
-                | ({"asymmetric"} if config.asymmetric else set()))
+    check_gates(gates, names, config.measurements())
     if config.fidelity_to is not None and config.fidelity_to not in names:
         raise BackendError(f"fidelity_to: '{config.fidelity_to}' is not a backend under test; "
                                     f"choose one of {', '.join(names)}")
