@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -210,9 +211,15 @@ def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str
     state = BuildState(recipe=recipe, model=recipe.model.source, reference=recipe.model.source)
     outcomes: list[StageOutcome] = []
     active = [s for s in steps if s.settings(recipe) is not None]
+    halted: str | None = None  # set when a validation gate failed: nothing after it is built or served
     for number, step in enumerate(active, 1):
         folder = out / f"{number:02d}-{step.name}"
-        status, detail, key = distributed.run_on_main(lambda: _decide(step, recipe, folder, upstream, force))
+        if halted is not None:
+            status, detail, key = "skipped", halted, ""
+            if distributed.is_main() and folder.is_dir():  # an earlier, passing build's output is not current
+                shutil.rmtree(folder)
+        else:
+            status, detail, key = distributed.run_on_main(lambda: _decide(step, recipe, folder, upstream, force))
         if status == "skipped":
             echo(f"[{number}/{len(active)}] {step.name:<10} skipped: {detail}")
             outcomes.append(StageOutcome(step.name, "skipped", None, reason=detail))
@@ -226,6 +233,8 @@ def _run_steps(recipe: Recipe, out: Path, steps: list[BuildStep], force: set[str
             echo(f"[{number}/{len(active)}] {step.name:<10} built in {manifest['seconds']:.1f} s")
         step.publish(state, folder)
         state.reports[step.name] = manifest["report"]
+        if manifest["report"].get("gates_passed") is False:
+            halted = f"a validation gate failed ({folder.name}/report.md); a failing build serves nothing"
         outcomes.append(StageOutcome(step.name, status if status == "cached" else "built", folder,
                                      manifest["seconds"], report=manifest["report"]))
         upstream = manifest["output_hash"]

@@ -219,3 +219,36 @@ def test_a_compression_stage_writes_the_model_on_rank_0_alone(tiny_recipe, tmp_p
                        folder)
     assert report["dropped"]["mlp"]  # every rank ran the stage
     assert (folder / "model.safetensors").is_file() == main_rank  # the other ranks' scratch gets no model files
+
+
+def test_a_failing_gate_fails_the_build_with_its_summary_and_serves_nothing(tmp_path):
+    from test_validation_metrics import write_beir
+
+    loaded = tiny_loaded("llama")
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "base")
+    (tmp_path / "calibration.txt").write_text(CALIBRATION)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    write_beir(tmp_path / "beir", {f"d{i}": ("", f"{w} is word {i}") for i, w in enumerate(words)},
+               {f"q{i}": w for i, w in enumerate(words[:4])}, {f"q{i}": {f"d{i}": 1} for i in range(4)})
+    recipe = _write_recipe(tmp_path, mlp=1)
+    gates = tmp_path / "gates.yaml"
+    recipe.write_text(recipe.read_text() + textwrap.dedent("""\
+        onnx: {opset: 18}
+        validate: {reference: torch:base, backends: ["compressed=onnx:{onnx}"], data: beir, gates: gates.yaml,
+                   latency: null, memory: null}
+        triton: {name: tiny, max_batch_size: 4}
+        """))
+    out = tmp_path / "build"
+    gates.write_text("gates:\n  - {metric: max_size_mb, threshold: 100.0, backends: [compressed]}\n")
+    _build(recipe, out)
+    assert (out / "04-triton" / "repository" / "tiny" / "config.pbtxt").is_file()  # passing: served
+
+    gates.write_text("gates:\n  - {metric: max_size_mb, threshold: 0.0001, backends: [compressed]}\n")
+    result = CliRunner().invoke(main, ["build", str(recipe), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["gates_passed"] is False and [g["metric"] for g in summary["failed_gates"]] == ["max_size_mb"]
+    triton = next(s for s in summary["stages"] if s["stage"] == "triton")
+    assert triton["status"] == "skipped" and "a validation gate failed (03-validation/report.md)" in triton["reason"]
+    assert not (out / "04-triton").exists()  # the passing build's repository is gone, not left to be shipped
+    assert "gates: FAILED (1 checked)" in result.output

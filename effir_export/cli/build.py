@@ -29,7 +29,8 @@ def build(ctx: click.Context, recipe_path, out, force, nproc) -> None:
     `effir-export fetch embeddinggemma-300m`, which ./install.sh runs). Stages are cached by the
     hash of their inputs, so a rerun redoes only what changed. Stages that need a GPU or TensorRT are
     skipped with the reason shown. Writes OUT/<NN>-<stage>/ folders and OUT/build_summary.{json,md};
-    exits non-zero when a validation gate fails. Under torchrun, or with --nproc N, the ranks share the
+    when a validation gate fails it exits 1 and builds nothing after validation (a failing build serves
+    nothing; the summary names the failed gates). Under torchrun, or with --nproc N, the ranks share the
     training, scoring and validation stages (docs/distributed.md).
     """
     from .. import distributed
