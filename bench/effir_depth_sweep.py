@@ -24,10 +24,7 @@ from effir_export.accounting import account
 from effir_export.compress.drop import DropConfig, apply_drops, select_drops
 from effir_export.compress.score import ScoreConfig, score_sublayers
 from effir_export.models.sources import load_model
-from effir_export.paths import DATA_DIR
-from effir_export.validation.beir import load_beir, slice_beir
-from effir_export.validation.config import SliceConfig
-from retrieval_points import QUALITY_HEADER, HeldOut, quality_cells
+from retrieval_points import QUALITY_HEADER, HeldOut, add_held_out_arguments, held_out_slice, quality_cells
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_POINTS = "full,mlp-6,attn-6,mlp-3,attn-6+mlp-3,mlp-6@pooled,mlp-12"
@@ -45,10 +42,8 @@ def parse_point(text: str) -> tuple[int, int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embeddinggemma-300m")
-    parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--documents", type=int, default=1200)
+    add_held_out_arguments(parser)
     parser.add_argument("--judged", choices=["all", "relevant"], default="relevant")
-    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=64, help="calibration passages for the scores")
     parser.add_argument("--points", default=DEFAULT_POINTS, help=f"comma-separated (default {DEFAULT_POINTS})")
     args = parser.parse_args()
@@ -56,8 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)
     settings = loaded.embedding.model_copy(update={"max_length": args.max_length})
-    data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"),
-                      SliceConfig(queries=args.queries, documents=args.documents, seed=0, judged=args.judged))
+    data = held_out_slice(args, judged=args.judged)
     scores = {positions: score_sublayers(loaded, ScoreConfig(samples=args.samples, positions=positions),
                                          Path(ScoreConfig().calibration), progress=True)
               for positions in sorted({p[3] for p in points})}

@@ -28,10 +28,9 @@ from effir_export.compress.train import LoraSettings
 from effir_export.models.sources import load_model
 from effir_export.paths import DATA_DIR
 from effir_export.recipe import Recipe
-from effir_export.validation.beir import load_beir, slice_beir
-from effir_export.validation.config import SliceConfig
 from effir_depth_sweep import parse_point
-from retrieval_points import QUALITY_HEADER, HeldOut, quality_cells
+from retrieval_points import (QUALITY_HEADER, HeldOut, add_held_out_arguments, add_training_arguments, held_out_slice,
+                              quality_cells)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING = [str(DATA_DIR / "msmarco_subset_pairs" / "pairs.jsonl"), str(DATA_DIR / "calibration" / "msmarco_passages.txt")]
@@ -42,20 +41,14 @@ def main() -> None:
     parser.add_argument("--model", default="embeddinggemma-300m")
     parser.add_argument("--point", default="mlp-6", help="the depth point to recover (as in effir_depth_sweep.py)")
     parser.add_argument("--objectives", default="contrastive,distill,mixed")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--train-max-length", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--documents", type=int, default=1200)
-    parser.add_argument("--max-length", type=int, default=256, help="evaluation tokens")
+    add_training_arguments(parser, steps=40, batch_size=8)
+    add_held_out_arguments(parser)
     args = parser.parse_args()
     attention, mlps, positions = parse_point(args.point)
     torch.manual_seed(0)
     loaded = load_model(args.model)
     settings = loaded.embedding.model_copy(update={"max_length": args.max_length})
-    data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"),
-                      SliceConfig(queries=args.queries, documents=args.documents, seed=0, judged="relevant"))
+    data = held_out_slice(args)
     scores = score_sublayers(loaded, ScoreConfig(samples=64, positions=positions), Path(ScoreConfig().calibration))
     drops = select_drops(scores, DropConfig(mlp=mlps, attention=attention))
     held_out = HeldOut(loaded.model, loaded.tokenizer, settings, data)

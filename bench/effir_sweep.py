@@ -34,16 +34,14 @@ from effir_export.compress.train import LoraSettings
 from effir_export.compress.width import WidthConfig, run_width_stage
 from effir_export.models.encoder import Encoder
 from effir_export.models.sources import load_model
-from effir_export.paths import DATA_DIR
 from effir_export.recipe import Recipe
-from effir_export.validation.beir import load_beir, slice_beir
-from effir_export.validation.config import SliceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_backends import document_texts  # noqa: E402
 from effir_depth_sweep import parse_point  # noqa: E402
 from effir_recovery_objectives import TRAINING  # noqa: E402
-from retrieval_points import QUALITY_HEADER, HeldOut, quality_cells  # noqa: E402
+from retrieval_points import (QUALITY_HEADER, HeldOut, add_held_out_arguments, add_training_arguments,  # noqa: E402
+                              held_out_slice, quality_cells)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_POINTS = ("full,mlp-6,mlp-12,mlp-16,attn-6,attn-6+mlp-3,"
@@ -87,13 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embeddinggemma-300m")
     parser.add_argument("--points", default=DEFAULT_POINTS)
-    parser.add_argument("--steps", type=int, default=32, help="width training steps per /w point")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-max-length", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--queries", type=int, default=40)
-    parser.add_argument("--documents", type=int, default=1200)
-    parser.add_argument("--max-length", type=int, default=256, help="evaluation tokens")
+    add_training_arguments(parser, steps=32, batch_size=16, steps_help="width training steps per /w point")
+    add_held_out_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per point")
     args = parser.parse_args()
     points = [(p, *split_point(p)) for p in args.points.split(",")]
@@ -102,8 +95,7 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)
     settings = loaded.embedding.model_copy(update={"max_length": args.max_length})
-    data = slice_beir(load_beir(DATA_DIR / "dbpedia_subset"),
-                      SliceConfig(queries=args.queries, documents=args.documents, seed=0, judged="relevant"))
+    data = held_out_slice(args)
     scores = score_sublayers(loaded, ScoreConfig(samples=64), Path(ScoreConfig().calibration), progress=True)
     held_out = HeldOut(loaded.model, loaded.tokenizer, settings, data)
     documents, queries = document_texts(loaded.tokenizer, 16), data.query_texts[:8]

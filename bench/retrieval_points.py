@@ -3,14 +3,39 @@ compressed model against them, symmetric (its own queries and documents) and asy
 the full model's document index), each Δ nDCG@10 with a paired bootstrap 95 % CI and a sign-flip p-value."""
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
 import torch
 
 from effir_export.models.encoder import Encoder
-from effir_export.validation.beir import BeirData, evaluate, search
+from effir_export.paths import DATA_DIR
+from effir_export.validation.beir import BeirData, evaluate, load_beir, search, slice_beir
+from effir_export.validation.config import SliceConfig
 from effir_export.validation.stats import paired_difference
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int,
+                           steps_help: str | None = None) -> None:
+    """--steps, --batch-size, --train-max-length and --learning-rate of a bench that trains."""
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--train-max-length", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+
+
+def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """--queries, --documents and --max-length of the held-out slice (:func:`held_out_slice`)."""
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--documents", type=int, default=1200)
+    parser.add_argument("--max-length", type=int, default=256, help="evaluation tokens")
+
+
+def held_out_slice(args: argparse.Namespace, judged: str = "relevant") -> BeirData:
+    """The held-out dbpedia_subset slice the arguments name: judged queries, then their documents."""
+    return slice_beir(load_beir(DATA_DIR / "dbpedia_subset"),
+                      SliceConfig(queries=args.queries, documents=args.documents, seed=0, judged=judged))
 
 
 class HeldOut:

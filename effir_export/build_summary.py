@@ -76,4 +76,3 @@ def write_summary(summary: dict, out: Path) -> str:
     (out / "build_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "build_summary.md").write_text(text + "\n")
     return text
-
